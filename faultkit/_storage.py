@@ -1,0 +1,494 @@
+"""The storage interface under :class:`~faultkit.CheckpointStore`, and its implementations.
+
+A :class:`Storage` is a flat namespace of immutable objects under one root. Everything the
+store does is built on these calls, in this order for a commit:
+
+1. :meth:`Storage.open_new` streams a large object (a snapshot's bytes) under a fresh, unique
+   name; it becomes visible, complete and durable only when the ``with`` block exits cleanly.
+2. :meth:`Storage.create` writes a small object *only if the name is absent* (create-if-absent)
+   and raises ``FileExistsError`` otherwise. The object appears whole or not at all. This one
+   primitive orders every commit of a stage (see ``_log.py``).
+3. :meth:`Storage.read` / :meth:`Storage.read_many` / :meth:`Storage.open_read` read objects;
+   a missing one raises ``FileNotFoundError`` (``read_many`` maps it to ``None``).
+4. :meth:`Storage.list`, :meth:`Storage.info`, :meth:`Storage.delete` serve listing and gc.
+
+Paths are relative, "/"-separated and built by the store from validated keys; every
+implementation still refuses absolute paths and ".." so nothing can leave the root.
+
+Implementations: :class:`LocalStorage` (``file://``; atomic through ``link(2)``),
+:class:`MemoryStorage` (``memory://``; one process) and :class:`FsspecStorage` (``s3://`` through
+s3fs, whose ``If-None-Match: *`` writes give create-if-absent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import IO, Any
+from urllib.parse import urlsplit
+
+from . import _failpoints
+from ._errors import CheckpointWriteError, InvalidKeyError, StoreConfigError
+
+__all__ = [
+    "FsspecStorage",
+    "LocalStorage",
+    "MemoryStorage",
+    "ObjectInfo",
+    "Storage",
+    "open_storage",
+    "redact_url",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """Size and modification time of one object."""
+
+    path: str
+    size: int
+    mtime: float
+
+
+def _check_rel(path: str) -> str:
+    if not path or path.startswith("/") or "\\" in path or ".." in path.split("/"):
+        raise InvalidKeyError(f"storage path {path!r} would leave the store's root")
+    return path
+
+
+def _write_error(path: str, exc: OSError) -> CheckpointWriteError:
+    what = {
+        errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exhausted",
+        errno.EACCES: "permission denied",
+        errno.EROFS: "the file system is read-only",
+    }.get(exc.errno or 0, str(exc))
+    err = CheckpointWriteError(
+        f"could not write {path!r}: {what}; the previous checkpoint is intact. "
+        "Free space or fix permissions, then retry the task."
+    )
+    err.errno = exc.errno
+    return err
+
+
+class Storage(ABC):
+    """A flat namespace of immutable objects under one root (see the module docstring)."""
+
+    url: str
+
+    @abstractmethod
+    def create(self, path: str, data: bytes) -> None:
+        """Write ``data`` at ``path`` durably and atomically if ``path`` is absent.
+
+        Raises:
+            FileExistsError: ``path`` already exists; nothing was written.
+            CheckpointWriteError: the storage refused the write.
+        """
+
+    @abstractmethod
+    def open_new(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
+        """A writable file; the object appears at ``path`` (whole, durable) on clean exit."""
+
+    @abstractmethod
+    def read(self, path: str) -> bytes:
+        """The object's bytes; ``FileNotFoundError`` when absent."""
+
+    def read_many(self, paths: list[str]) -> dict[str, bytes | None]:
+        """Read several objects (concurrently where the backend can); absent ones are None."""
+        out: dict[str, bytes | None] = {}
+        for p in paths:
+            try:
+                out[p] = self.read(p)
+            except FileNotFoundError:
+                out[p] = None
+        return out
+
+    @abstractmethod
+    def open_read(self, path: str) -> IO[bytes]:
+        """A readable binary file for ``path``."""
+
+    @abstractmethod
+    def list(self, path: str) -> list[str]:
+        """Names (not paths) directly under the folder ``path``; [] when absent."""
+
+    @abstractmethod
+    def info(self, path: str) -> ObjectInfo:
+        """Size and mtime; ``FileNotFoundError`` when absent."""
+
+    @abstractmethod
+    def delete(self, path: str) -> None:
+        """Remove one object; absent is fine."""
+
+    def walk_files(self, path: str) -> Iterator[str]:
+        """Every object path under the folder ``path`` (recursive)."""
+        for name in self.list(path):
+            sub = f"{path}/{name}" if path else name
+            children = self.list(sub)
+            if children:
+                yield from self.walk_files(sub)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    self.info(sub)
+                    yield sub
+
+    def delete_tree(self, path: str) -> None:
+        """Remove every object under the folder ``path``."""
+        for p in sorted(self.walk_files(path), reverse=True):
+            self.delete(p)
+
+
+class LocalStorage(Storage):
+    """A folder on a local (or network) file system.
+
+    Objects are written to ``@tmp/`` first, fsync'd, then ``link(2)``-ed into place: the link
+    fails with ``EEXIST`` if the name exists, so creation is atomic and exclusive, and a
+    reader never sees a partly written object. The parent folder is fsync'd after the link.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+        self.url = f"file://{self.root}"
+        self._tmp = os.path.join(self.root, "@tmp")
+        self._made: set[str] = set()
+        try:
+            os.makedirs(self._tmp, exist_ok=True)
+        except OSError as exc:
+            raise StoreConfigError(
+                f"cannot use {self.root!r} as a checkpoint store: {exc.strerror}; "
+                "pick a writable folder"
+            ) from exc
+
+    def _abs(self, path: str) -> str:
+        return os.path.join(self.root, _check_rel(path))
+
+    def _parent(self, full: str) -> str:
+        parent = os.path.dirname(full)
+        if parent not in self._made:
+            os.makedirs(parent, exist_ok=True)
+            self._made.add(parent)
+        return parent
+
+    def _tmp_path(self) -> str:
+        return os.path.join(self._tmp, f"{os.getpid()}-{uuid.uuid4().hex}")
+
+    @staticmethod
+    def _fsync_dir(path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _publish(self, tmp: str, full: str) -> None:
+        parent = self._parent(full)
+        try:
+            os.link(tmp, full)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        _failpoints.hit("storage.linked")
+        self._fsync_dir(parent)
+
+    def create(self, path: str, data: bytes) -> None:
+        full = self._abs(path)
+        tmp = self._tmp_path()
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            _failpoints.hit("storage.tmp_written")
+            self._publish(tmp, full)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise _write_error(path, exc) from exc
+
+    @contextlib.contextmanager
+    def open_new(self, path: str) -> Iterator[IO[bytes]]:
+        full = self._abs(path)
+        tmp = self._tmp_path()
+        try:
+            with open(tmp, "xb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            self._publish(tmp, full)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            if isinstance(exc, FileExistsError):
+                raise
+            raise _write_error(path, exc) from exc
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def read(self, path: str) -> bytes:
+        with open(self._abs(path), "rb") as f:
+            return f.read()
+
+    def open_read(self, path: str) -> IO[bytes]:
+        return open(self._abs(path), "rb")
+
+    def list(self, path: str) -> list[str]:
+        try:
+            return sorted(os.listdir(self._abs(path) if path else self.root))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def info(self, path: str) -> ObjectInfo:
+        st = os.stat(self._abs(path))
+        return ObjectInfo(path, st.st_size, st.st_mtime)
+
+    def delete(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._abs(path))
+
+    def walk_files(self, path: str) -> Iterator[str]:
+        base = self._abs(path) if path else self.root
+        for dirpath, _dirs, files in os.walk(base):
+            rel = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
+            for name in files:
+                yield name if rel == "." else f"{rel}/{name}"
+
+    def delete_tree(self, path: str) -> None:
+        super().delete_tree(path)
+        for dirpath, _dirs, _files in sorted(os.walk(self._abs(path)), reverse=True):
+            with contextlib.suppress(OSError):
+                os.rmdir(dirpath)
+
+    def tmp_files(self) -> list[ObjectInfo]:
+        """Temp files (left by writers that were killed, or still writing)."""
+        out = []
+        for name in self.list("@tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                out.append(self.info(f"@tmp/{name}"))
+        return out
+
+
+class _MemWriter:
+    def __init__(self, store: MemoryStorage, path: str) -> None:
+        self._store, self._path = store, path
+        self._chunks: list[bytes] = []
+
+    def write(self, data: Any) -> int:
+        b = bytes(data)
+        self._chunks.append(b)
+        return len(b)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class MemoryStorage(Storage):
+    """Objects in this process's memory; ``memory://NAME`` stores of one process share data."""
+
+    _spaces: dict[str, dict[str, tuple[bytes, float]]] = {}
+    _spaces_lock = threading.Lock()
+
+    def __init__(self, name: str) -> None:
+        self.url = f"memory://{name}"
+        with self._spaces_lock:
+            self._objs = self._spaces.setdefault(name, {})
+        self._lock = threading.Lock()
+
+    def create(self, path: str, data: bytes) -> None:
+        _check_rel(path)
+        with self._spaces_lock:
+            if path in self._objs:
+                raise FileExistsError(errno.EEXIST, "exists", path)
+            self._objs[path] = (bytes(data), time.time())
+
+    @contextlib.contextmanager
+    def open_new(self, path: str) -> Iterator[IO[bytes]]:
+        w = _MemWriter(self, path)
+        yield w  # type: ignore[misc]
+        self.create(path, b"".join(w._chunks))
+
+    def read(self, path: str) -> bytes:
+        try:
+            return self._objs[_check_rel(path)][0]
+        except KeyError:
+            raise FileNotFoundError(errno.ENOENT, "no such object", path) from None
+
+    def open_read(self, path: str) -> IO[bytes]:
+        import io
+
+        return io.BytesIO(self.read(path))
+
+    def list(self, path: str) -> list[str]:
+        prefix = f"{path}/" if path else ""
+        with self._spaces_lock:
+            names = {p[len(prefix) :].split("/", 1)[0] for p in self._objs if p.startswith(prefix)}
+        return sorted(names)
+
+    def info(self, path: str) -> ObjectInfo:
+        try:
+            data, mtime = self._objs[_check_rel(path)]
+        except KeyError:
+            raise FileNotFoundError(errno.ENOENT, "no such object", path) from None
+        return ObjectInfo(path, len(data), mtime)
+
+    def delete(self, path: str) -> None:
+        with self._spaces_lock:
+            self._objs.pop(_check_rel(path), None)
+
+
+class FsspecStorage(Storage):
+    """An fsspec file system with create-if-absent (S3 through s3fs: ``If-None-Match: *``)."""
+
+    def __init__(self, fs: Any, root: str, url: str) -> None:
+        self.fs = fs
+        self.root = root.rstrip("/")
+        self.url = url
+
+    def _abs(self, path: str) -> str:
+        return f"{self.root}/{_check_rel(path)}" if path else self.root
+
+    def create(self, path: str, data: bytes) -> None:
+        try:
+            self.fs.pipe_file(self._abs(path), bytes(data), mode="create")
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            raise _write_error(path, exc) from exc
+
+    @contextlib.contextmanager
+    def open_new(self, path: str) -> Iterator[IO[bytes]]:
+        try:
+            f = self.fs.open(self._abs(path), "xb", block_size=16 << 20)
+        except OSError as exc:
+            raise _write_error(path, exc) from exc
+        try:
+            yield f
+        except BaseException:
+            # Closing would commit the partial object: abort the upload instead.
+            with contextlib.suppress(Exception):
+                f.discard()
+            raise
+        try:
+            f.close()
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            raise _write_error(path, exc) from exc
+
+    def read(self, path: str) -> bytes:
+        return self.fs.cat_file(self._abs(path))
+
+    def read_many(self, paths: list[str]) -> dict[str, bytes | None]:
+        if not paths:
+            return {}
+        full = {self._abs(p): p for p in paths}
+        got = self.fs.cat(list(full), on_error="return")
+        out: dict[str, bytes | None] = {}
+        for f, p in full.items():
+            v = got.get(f)
+            if isinstance(v, FileNotFoundError) or v is None:
+                out[p] = None
+            elif isinstance(v, BaseException):
+                raise v
+            else:
+                out[p] = v
+        return out
+
+    def open_read(self, path: str) -> IO[bytes]:
+        return self.fs.open(self._abs(path), "rb", block_size=8 << 20, cache_type="none")
+
+    def list(self, path: str) -> list[str]:
+        try:
+            entries = self.fs.ls(self._abs(path), detail=False, refresh=True)
+        except FileNotFoundError:
+            return []
+        base = self._abs(path).rstrip("/") + "/"
+        return sorted(e[len(base) :].strip("/") for e in entries if e.startswith(base))
+
+    def info(self, path: str) -> ObjectInfo:
+        inf = self.fs.info(self._abs(path), refresh=True)
+        if inf.get("type") == "directory":
+            raise FileNotFoundError(errno.ENOENT, "is a folder", path)
+        mtime = inf.get("LastModified") or inf.get("mtime") or 0.0
+        if hasattr(mtime, "timestamp"):
+            mtime = mtime.timestamp()
+        return ObjectInfo(path, int(inf.get("size") or 0), float(mtime))
+
+    def delete(self, path: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self._abs(path))
+
+    def walk_files(self, path: str) -> Iterator[str]:
+        base = self.root + "/"
+        for f in self.fs.find(self._abs(path), refresh=True):
+            yield f[len(base) :] if f.startswith(base) else f
+
+    def delete_tree(self, path: str) -> None:
+        files = [self._abs(p) for p in self.walk_files(path)]
+        if files:
+            self.fs.rm(files)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any user:password part replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return parts._replace(netloc=f"***@{host}").geturl()
+
+
+def open_storage(url: str, **options: Any) -> Storage:
+    """Build the :class:`Storage` for ``url``; ``options`` go to fsspec (credentials, endpoint)."""
+    if not isinstance(url, str) or not url:
+        raise StoreConfigError(f"a store URL is required, e.g. 'file:///var/lib/ck'; got {url!r}")
+    if "://" not in url:
+        if url.startswith("/") or url.startswith("."):
+            return LocalStorage(url)
+        raise StoreConfigError(
+            f"store URL {redact_url(url)!r} has no scheme; use file:///path, memory://name "
+            "or s3://bucket/prefix"
+        )
+    scheme, rest = url.split("://", 1)
+    scheme = scheme.lower()
+    if scheme == "file":
+        if not rest.startswith("/"):
+            raise StoreConfigError(f"file URL {url!r} must be absolute: file:///path/to/store")
+        return LocalStorage(rest)
+    if scheme == "memory":
+        return MemoryStorage(rest.strip("/") or "default")
+    if scheme in ("s3", "s3a"):
+        try:
+            import s3fs
+        except ImportError as exc:
+            raise StoreConfigError(
+                "s3:// stores need s3fs: pip install 'faultkit[s3]'"
+            ) from exc
+        bucket_prefix = rest.strip("/")
+        if not bucket_prefix:
+            raise StoreConfigError(f"S3 URL {redact_url(url)!r} names no bucket: s3://bucket/prefix")
+        opts = {"use_listings_cache": False, "skip_instance_cache": True, **options}
+        fs = s3fs.S3FileSystem(**opts)
+        return FsspecStorage(fs, bucket_prefix, f"s3://{bucket_prefix}")
+    raise StoreConfigError(
+        f"store URL scheme {scheme!r} is not supported; faultkit needs an atomic "
+        "create-if-absent, which it has on file://, memory:// and s3://"
+    )
