@@ -142,11 +142,12 @@ class Stage:
 
     # -- writing the log ---------------------------------------------------------------
 
-    def _stale(self, what: str) -> StaleAttemptError:
+    def _stale(self, what: str | None) -> StaleAttemptError:
+        written = f"; {what} was not written" if what else ""
         err = StaleAttemptError(
             f"stage {self.key!r}: epoch {self._epoch} is stale (epoch {self._view.epoch} "
-            f"claimed it); {what} was not written. A newer attempt owns this stage: stop this "
-            "one and let the newer attempt finish.",
+            f"claimed it){written}. A newer attempt owns this stage: stop this one and let "
+            "the newer attempt finish.",
             key=self.key,
             epoch=self._epoch,
             current=self._view.epoch,
@@ -155,8 +156,8 @@ class Stage:
             Event(
                 "stale_attempt",
                 self.key,
-                f"a stale attempt (epoch {self._epoch}) tried to write {what} after epoch "
-                f"{self._view.epoch} took over; the write was refused",
+                f"a stale attempt (epoch {self._epoch}) of {self.key} was fenced after epoch "
+                f"{self._view.epoch} took over" + (f"; its {what} was refused" if what else ""),
                 {"epoch": self._epoch, "current": self._view.epoch, "write": what},
                 dedupe_key=f"{self._epoch}",
             )
@@ -166,7 +167,7 @@ class Stage:
     def _append(self, body: dict[str, Any], *, fenced: bool = True, unit: str | None = None) -> int:
         """Create the next record; returns its seq, or 0 when ``unit`` is already done."""
         data = encode(body)
-        what = body["t"] if unit is None else f"done({unit})"
+        what = f"done({body['u']!r})" if unit is not None else f"{body['t']}(step={body.get('step')})"
         while True:
             v = self._view
             if fenced and v.epoch > self._epoch:
@@ -267,7 +268,7 @@ class Stage:
         with self._lock:
             self._catch_up()
             if self._view.epoch > self._epoch:
-                raise self._stale("nothing")
+                raise self._stale(None)
 
     def is_done(self, unit: str | int) -> bool:
         """True if ``unit`` is recorded as done (by any attempt)."""

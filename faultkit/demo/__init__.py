@@ -1,0 +1,31 @@
+"""The bundled pipeline used by ``faultkit demo``, dags/ and flows/: an ETL and a training stage.
+
+Torch is imported only when the training half is used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._etl import TABLE, check_sink, etl_partition, expected_rows, generate_orders
+
+__all__ = [
+    "TABLE",
+    "check_sink",
+    "etl_partition",
+    "expected_rows",
+    "generate_orders",
+    "reference_train",
+    "train",
+    "weights_digest",
+]
+
+_TRAIN = ("reference_train", "train", "weights_digest")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TRAIN:
+        from . import _train
+
+        return getattr(_train, name)
+    raise AttributeError(f"module 'faultkit.demo' has no attribute {name!r}")
