@@ -114,8 +114,14 @@ class View:
         elif t == "snap":
             self.snaps.append(
                 SnapRecord(
-                    seq, e, int(body["step"]), body["blob"], int(body["size"]),
-                    body["sum"], dict(body.get("meta") or {}), ts,
+                    seq,
+                    e,
+                    int(body["step"]),
+                    body["blob"],
+                    int(body["size"]),
+                    body["sum"],
+                    dict(body.get("meta") or {}),
+                    ts,
                 )
             )
             self.last_commit = max(self.last_commit, ts)

@@ -189,7 +189,12 @@ class LocalStorage(Storage):
     def _publish(self, tmp: str, full: str) -> None:
         parent = self._parent(full)
         try:
-            os.link(tmp, full)
+            try:
+                os.link(tmp, full)
+            except FileNotFoundError:  # the folder was removed (delete/gc) since we made it
+                self._made.discard(parent)
+                self._parent(full)
+                os.link(tmp, full)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -479,12 +484,12 @@ def open_storage(url: str, **options: Any) -> Storage:
         try:
             import s3fs
         except ImportError as exc:
-            raise StoreConfigError(
-                "s3:// stores need s3fs: pip install 'faultkit[s3]'"
-            ) from exc
+            raise StoreConfigError("s3:// stores need s3fs: pip install 'faultkit[s3]'") from exc
         bucket_prefix = rest.strip("/")
         if not bucket_prefix:
-            raise StoreConfigError(f"S3 URL {redact_url(url)!r} names no bucket: s3://bucket/prefix")
+            raise StoreConfigError(
+                f"S3 URL {redact_url(url)!r} names no bucket: s3://bucket/prefix"
+            )
         opts = {"use_listings_cache": False, "skip_instance_cache": True, **options}
         fs = s3fs.S3FileSystem(**opts)
         return FsspecStorage(fs, bucket_prefix, f"s3://{bucket_prefix}")

@@ -167,7 +167,9 @@ class Stage:
     def _append(self, body: dict[str, Any], *, fenced: bool = True, unit: str | None = None) -> int:
         """Create the next record; returns its seq, or 0 when ``unit`` is already done."""
         data = encode(body)
-        what = f"done({body['u']!r})" if unit is not None else f"{body['t']}(step={body.get('step')})"
+        what = (
+            f"done({body['u']!r})" if unit is not None else f"{body['t']}(step={body.get('step')})"
+        )
         while True:
             v = self._view
             if fenced and v.epoch > self._epoch:
@@ -333,8 +335,14 @@ class Stage:
         checksum = f"xxh3_128:{h.hexdigest()}"
         now = time.time()
         body = {
-            "t": "snap", "e": self._epoch, "step": int(step), "blob": blob, "size": size,
-            "sum": checksum, "meta": meta, "ts": now,
+            "t": "snap",
+            "e": self._epoch,
+            "step": int(step),
+            "blob": blob,
+            "size": size,
+            "sum": checksum,
+            "meta": meta,
+            "ts": now,
         }
         try:
             with self._lock:
@@ -367,7 +375,9 @@ class Stage:
             raise CorruptCheckpointError(f"snapshot step {rec.step}: checksum mismatch")
         return data
 
-    def _report_corrupt(self, rec: SnapRecord, exc: CorruptCheckpointError, fallback: int | None) -> None:
+    def _report_corrupt(
+        self, rec: SnapRecord, exc: CorruptCheckpointError, fallback: int | None
+    ) -> None:
         if rec.blob in self._reported_corrupt:
             return
         self._reported_corrupt.add(rec.blob)
@@ -377,10 +387,18 @@ class Stage:
                 "checkpoint_corrupt",
                 self.key,
                 f"{exc}; it was skipped and "
-                + (f"the snapshot of step {fallback} was used" if fallback is not None
-                   else "no valid snapshot remains, so the stage starts from scratch"),
-                {"step": rec.step, "epoch": rec.epoch, "blob": rec.blob, "error": str(exc),
-                 "fallback_step": fallback},
+                + (
+                    f"the snapshot of step {fallback} was used"
+                    if fallback is not None
+                    else "no valid snapshot remains, so the stage starts from scratch"
+                ),
+                {
+                    "step": rec.step,
+                    "epoch": rec.epoch,
+                    "blob": rec.blob,
+                    "error": str(exc),
+                    "fallback_step": fallback,
+                },
                 dedupe_key=rec.blob,
             )
         )
@@ -443,10 +461,35 @@ class CheckpointStore:
         """The stage at ``key``; entering it (``with``) claims a new epoch."""
         return Stage(self, key)
 
+    def attach(self, key: str, epoch: int) -> Stage:
+        """Join epoch ``epoch`` of ``key`` from another process of the same attempt.
+
+        For worker processes an attempt starts itself (a multiprocessing pool, data loader
+        workers): they write as that epoch and are fenced with it. Nothing is claimed.
+
+        Raises:
+            StaleAttemptError: a newer epoch already claimed the stage.
+            ValueError: ``epoch`` was never claimed.
+        """
+        st = Stage(self, key)
+        st._catch_up()
+        if epoch < 1 or epoch > st._view.epoch:
+            raise ValueError(
+                f"stage {key!r} has no epoch {epoch!r} (newest: {st._view.epoch}); "
+                "attach with the epoch of a claimed Stage (stage.epoch)"
+            )
+        st._epoch = int(epoch)
+        st._claimed_at = time.time()
+        if st._view.epoch > epoch:
+            raise st._stale(None)
+        return st
+
     def keys(self, prefix: str = "") -> list[str]:
         """Every stage key starting with ``prefix``, sorted."""
         return sorted(
-            k for k in (n.replace("@", "/") for n in self._storage.list(INDEX)) if k.startswith(prefix)
+            k
+            for k in (n.replace("@", "/") for n in self._storage.list(INDEX))
+            if k.startswith(prefix)
         )
 
     def read_view(self, key: str) -> View:
@@ -504,7 +547,9 @@ class CheckpointStore:
             except CorruptCheckpointError:
                 drop.append(rec)
         if drop:
-            st._append({"t": "gc", "blobs": [r.blob for r in drop], "ts": time.time()}, fenced=False)
+            st._append(
+                {"t": "gc", "blobs": [r.blob for r in drop], "ts": time.time()}, fenced=False
+            )
             for r in drop:
                 self._storage.delete(f"{key}/@blobs/{r.blob}")
         now = time.time()

@@ -98,7 +98,8 @@ class SqlSink:
         self.engine = _engine(url)
         self._meta = sa.MetaData()
         self._units = sa.Table(
-            "faultkit_units", self._meta,
+            "faultkit_units",
+            self._meta,
             sa.Column("stage_key", sa.String(900), primary_key=True),
             sa.Column("unit_id", sa.String(400), primary_key=True),
             sa.Column("epoch", sa.Integer, nullable=False),
@@ -106,7 +107,8 @@ class SqlSink:
             sa.Column("committed_at", sa.Float, nullable=False),
         )
         self._fence = sa.Table(
-            "faultkit_fence", self._meta,
+            "faultkit_fence",
+            self._meta,
             sa.Column("stage_key", sa.String(900), primary_key=True),
             sa.Column("epoch", sa.Integer, nullable=False),
         )
@@ -152,7 +154,9 @@ class SqlSink:
         raise StaleAttemptError(
             f"stage {stage.key!r}: epoch {stage.epoch} is stale; epoch {current} already "
             f"wrote to {self.table_name!r}. Nothing was written; let the newer attempt finish.",
-            key=stage.key, epoch=stage.epoch, current=int(current),
+            key=stage.key,
+            epoch=stage.epoch,
+            current=int(current),
         )
 
     def write(self, stage: Stage, unit: str | int, rows: Sequence[Mapping[str, Any]]) -> bool:
@@ -178,8 +182,11 @@ class SqlSink:
                     self._fence_epoch(conn, stage)
                     conn.execute(
                         sa.insert(self._units).values(
-                            stage_key=stage.key, unit_id=uid, epoch=stage.epoch,
-                            rows=len(rows), committed_at=time.time(),
+                            stage_key=stage.key,
+                            unit_id=uid,
+                            epoch=stage.epoch,
+                            rows=len(rows),
+                            committed_at=time.time(),
                         )
                     )
                     if rows and table is not None:

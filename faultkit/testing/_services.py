@@ -24,8 +24,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> None:
-    """Poll ``cond`` until it is truthy; raise ``TimeoutError`` naming ``what`` after ``timeout``."""
+def wait_until(
+    cond: Callable[[], object], timeout: float, what: str, interval: float = 0.05
+) -> None:
+    """Poll ``cond`` until truthy; after ``timeout`` s raise ``TimeoutError`` naming ``what``."""
     deadline = time.monotonic() + timeout
     while True:
         if cond():
@@ -63,7 +65,9 @@ class MotoS3Server:
         env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
         )
         wait_until(lambda: _port_open(self.port) or self.proc.poll() is not None, 60, "moto server")
         if self.proc.poll() is not None:
@@ -74,8 +78,11 @@ class MotoS3Server:
         import boto3
 
         boto3.client(
-            "s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
-            aws_secret_access_key="testing", region_name="us-east-1",
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id="testing",
+            aws_secret_access_key="testing",
+            region_name="us-east-1",
         ).create_bucket(Bucket=name)
 
     def stop(self) -> None:
@@ -143,15 +150,34 @@ class PostgresServer:
         if os.geteuid() == 0:
             shutil.chown(self.dir, "postgres", "postgres")
         subprocess.run(
-            self._as_pg([_pg_bin("initdb"), "-D", data, "-U", "postgres", "-A", "trust", "--no-sync"]),
-            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            self._as_pg(
+                [_pg_bin("initdb"), "-D", data, "-U", "postgres", "-A", "trust", "--no-sync"]
+            ),
+            check=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         self.proc = subprocess.Popen(
-            self._as_pg([
-                _pg_bin("postgres"), "-D", data, "-p", str(self.port), "-h", "127.0.0.1",
-                "-k", self.dir, "-c", "fsync=off", "-c", "max_connections=100",
-            ]),
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            self._as_pg(
+                [
+                    _pg_bin("postgres"),
+                    "-D",
+                    data,
+                    "-p",
+                    str(self.port),
+                    "-h",
+                    "127.0.0.1",
+                    "-k",
+                    self.dir,
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "max_connections=100",
+                ]
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
         )
         wait_until(
             lambda: _port_open(self.port) or self.proc.poll() is not None, 60, "PostgreSQL start"

@@ -1,0 +1,292 @@
+"""One conformance suite for CheckpointStore, run on memory://, file:// and s3:// (moto)."""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from faultkit import (
+    CheckpointStore,
+    InvalidKeyError,
+    StaleAttemptError,
+    StoreConfigError,
+    key,
+    subscribe,
+)
+from faultkit._storage import FsspecStorage, LocalStorage, MemoryStorage
+
+
+@pytest.fixture(
+    params=[
+        pytest.param("memory", id="memory"),
+        pytest.param("file", id="file"),
+        pytest.param("s3", id="s3"),
+    ]
+)
+def backend(request, tmp_path):
+    """(url, storage_options) for a fresh, empty store on each backend."""
+    if request.param == "memory":
+        return f"memory://{uuid.uuid4().hex}", {}
+    if request.param == "file":
+        return f"file://{tmp_path}/store", {}
+    return request.getfixturevalue("s3_store_url")
+
+
+@pytest.fixture
+def store(backend):
+    url, opts = backend
+    return CheckpointStore(url, **opts)
+
+
+@pytest.fixture
+def events():
+    got = []
+    unsubscribe = subscribe(got.append)
+    yield got
+    unsubscribe()
+
+
+def _overwrite(store: CheckpointStore, path: str, data: bytes) -> None:
+    """Replace an object's bytes behind the store's back (simulated bit rot)."""
+    s = store._storage
+    if isinstance(s, LocalStorage):
+        with open(os.path.join(s.root, path), "wb") as f:
+            f.write(data)
+    elif isinstance(s, MemoryStorage):
+        s._objs[path] = (data, s._objs[path][1])
+    else:
+        assert isinstance(s, FsspecStorage)
+        s.fs.pipe_file(f"{s.root}/{path}", data)
+
+
+def _blob_path(store: CheckpointStore, k: str, step: int) -> str:
+    rec = next(r for r in store.read_view(k).live_snaps() if r.step == step)
+    return f"{k}/@blobs/{rec.blob}"
+
+
+def test_epochs_increase_and_resume_is_reported(store, events):
+    """Each entry claims the next epoch; the second sees the first's progress."""
+    k = key("etl", "dag", "manual__2024-01-01T00:00:00+00:00", "load")
+    with store.stage(k) as a:
+        assert (a.epoch, a.resumed) == (1, False)
+        assert a.done("p0", {"rows": 3}) is True
+    with store.stage(k) as b:
+        assert (b.epoch, b.resumed) == (2, True)
+        assert b.resume_info["units_done"] == 1
+    resumed = [e for e in events if e.kind == "resumed"]
+    assert len(resumed) == 1 and resumed[0].details["epoch"] == 2
+
+
+def test_pending_done_results(store):
+    """pending() skips done units, done() is idempotent, results() returns what was recorded."""
+    with store.stage("s/a") as st:
+        assert list(st.pending([0, 1, "x"])) == [0, 1, "x"]
+        assert st.done(0, {"n": 0}) is True
+        assert st.done(0, {"n": "again"}) is False
+        assert st.done("x") is True
+        assert list(st.pending([0, 1, "x"])) == [1]
+    with store.stage("s/a") as st2:
+        assert list(st2.pending([0, 1, "x", "0"])) == [1, "0"]  # int 0 and str "0" differ
+        assert st2.results() == {0: {"n": 0}, "x": None}
+
+
+def test_save_latest_roundtrip_streams(store):
+    """Snapshots round-trip byte for byte; the newest verifying one is returned."""
+    with store.stage("t/a") as st:
+        assert st.latest() is None
+        st.save(b"one", step=1, meta={"loss": 0.5})
+        big = os.urandom(3 * (8 << 20) + 17)  # several stream chunks
+        st.save(memoryview(big), step=2)
+        snap = st.latest()
+        assert (snap.step, snap.epoch, snap.size) == (2, 1, len(big))
+        assert snap.data == big and snap.checksum.startswith("xxh3_128:")
+        st.save(iter([b"ab", b"cd"]), step=3, meta={"k": [1, 2]})
+    with store.stage("t/a") as st2:
+        snap = st2.latest()
+        assert (snap.step, snap.data, dict(snap.meta)) == (3, b"abcd", {"k": [1, 2]})
+
+
+def test_stale_attempt_is_fenced_and_leaves_no_trace(store, events):
+    """After a newer claim, an older epoch's done() and save() raise and write nothing."""
+    old = store.stage("z/a").claim()
+    old.done("u0")
+    old.save(b"old", step=1)
+    new = store.stage("z/a").claim()
+    with pytest.raises(StaleAttemptError) as err:
+        old.done("u1")
+    assert (err.value.epoch, err.value.current) == (1, 2)
+    with pytest.raises(StaleAttemptError):
+        old.save(b"zombie", step=2)
+    with pytest.raises(StaleAttemptError):
+        old.check()
+    fresh = store.stage("z/a").claim()
+    assert fresh.results() == {"u0": None}
+    assert fresh.latest().data == b"old"
+    blobs = store._storage.list("z/a/@blobs")
+    assert len(blobs) == 1, blobs  # the zombie's snapshot bytes were removed
+    assert any(e.kind == "stale_attempt" for e in events)
+    assert new.epoch == 2 and fresh.epoch == 3
+
+
+@pytest.mark.parametrize(
+    "damage", [pytest.param("flip", id="flip-byte"), pytest.param("truncate", id="truncate")]
+)
+def test_corrupt_snapshot_falls_back(store, events, damage):
+    """A damaged newest snapshot is skipped, the previous one returned, an event emitted."""
+    with store.stage("c/a") as st:
+        st.save(b"A" * 1000, step=1)
+        st.save(b"B" * 1000, step=2)
+    path = _blob_path(store, "c/a", 2)
+    data = bytearray(store._storage.read(path))
+    if damage == "flip":
+        data[500] ^= 0x01
+    else:
+        data = data[:400]
+    _overwrite(store, path, bytes(data))
+    with store.stage("c/a") as st:
+        snap = st.latest()
+    assert snap.step == 1 and snap.data == b"A" * 1000
+    bad = [e for e in events if e.kind == "checkpoint_corrupt"]
+    assert len(bad) == 1 and bad[0].details["step"] == 2 and bad[0].details["fallback_step"] == 1
+    assert [err is None for _r, err in store.verify("c/a")] == [True, False]
+
+
+def test_corrupt_log_record_is_ignored(store):
+    """A bit-flipped log record is skipped rather than trusted."""
+    with store.stage("r/a") as st:
+        st.done("a")
+        st.done("b")
+    _overwrite(store, "r/a/@log/000000000003", b'{"t":"done"}\nbadsum')
+    view = store.read_view("r/a")
+    assert 3 in view.corrupt and set(view.units) == {"s:a"}
+
+
+def test_keys_delete_gc(store):
+    """keys() lists stages, gc keeps the newest valid snapshots, delete removes a stage."""
+    for k in ("etl/a", "etl/b", "train/x"):
+        with store.stage(k) as st:
+            st.done(1)
+    with store.stage("etl/a") as st:
+        for i in range(5):
+            st.save(f"s{i}".encode(), step=i)
+    _overwrite(store, _blob_path(store, "etl/a", 4), b"rot")
+    assert store.keys() == ["etl/a", "etl/b", "train/x"]
+    assert store.keys("etl/") == ["etl/a", "etl/b"]
+    report = store.gc("etl/a", keep=2)
+    assert report["kept"] == [2, 3] and report["removed"] == [0, 1, 4]
+    with store.stage("etl/a") as st:
+        assert st.latest().step == 3
+    assert store.gc("etl/a", keep=0)["kept"] == [3]  # the newest valid one always stays
+    store.delete("etl/b")
+    assert store.keys() == ["etl/a", "train/x"]
+    with store.stage("etl/b") as st:
+        assert st.epoch == 1 and not st.resumed
+
+
+BAD_KEYS = [
+    pytest.param("../escape", id="dotdot"),
+    pytest.param("a/../../escape", id="inner-dotdot"),
+    pytest.param("/abs/path", id="absolute"),
+    pytest.param("a\\b", id="backslash"),
+    pytest.param("a//b", id="empty-segment"),
+    pytest.param("a/", id="trailing-slash"),
+    pytest.param("", id="empty"),
+    pytest.param(".", id="dot"),
+    pytest.param("a b", id="space"),
+    pytest.param("a/b@c", id="reserved-char"),
+]
+
+
+@pytest.mark.parametrize("bad", BAD_KEYS)
+def test_traversal_keys_rejected_and_nothing_created(store, backend, tmp_path, bad):
+    """Keys that could leave the root raise InvalidKeyError and create nothing anywhere."""
+    before = sorted(store._storage.walk_files(""))
+    outside = sorted(os.listdir(tmp_path))
+    for call in (
+        lambda: store.stage(bad).claim(),
+        lambda: store.delete(bad),
+        lambda: store.gc(bad),
+        lambda: store.read_view(bad),
+    ):
+        with pytest.raises(InvalidKeyError):
+            call()
+    assert sorted(store._storage.walk_files("")) == before
+    assert sorted(os.listdir(tmp_path)) == outside
+    if backend[0].startswith("s3://"):
+        s = store._storage
+        bucket = s.root.split("/", 1)[0]
+        assert all(p.startswith(f"{s.root}/") for p in s.fs.find(bucket))
+
+
+def test_invalid_units_rejected(store):
+    """Only str and int name units; anything else is a clear error."""
+    with store.stage("u/a") as st:
+        for bad in (1.5, None, ("a",), True):
+            with pytest.raises(InvalidKeyError, match="unit must be a str or an int"):
+                st.done(bad)
+
+
+def test_attach_joins_epoch_and_is_fenced(store):
+    """attach() writes as an existing epoch and is fenced when a newer one claims."""
+    first = store.stage("j/a").claim()
+    helper = store.attach("j/a", first.epoch)
+    assert helper.done("from-helper") is True
+    assert first.done("from-helper") is False
+    store.stage("j/a").claim()
+    with pytest.raises(StaleAttemptError):
+        helper.done("late")
+    with pytest.raises(StaleAttemptError):
+        store.attach("j/a", 1)
+    with pytest.raises(ValueError):
+        store.attach("j/a", 7)
+
+
+def test_key_builder():
+    """key() maps arbitrary strings to valid, distinct keys."""
+    assert key("etl", "manual__2024-01-01T00:00:00+00:00") == (
+        "etl/manual__2024-01-01T00=3A00=3A00=2B00=3A00"
+    )
+    samples = ["a/b", "a=2Fb", "..", ".", "", "x y", "é", "a\\b", "-1", "=", "a" * 400, "a" * 401]
+    keys = [key("p", s) for s in samples]
+    assert len(set(keys)) == len(samples)
+    store = CheckpointStore(f"memory://{uuid.uuid4().hex}")
+    for k in keys:
+        store.stage(k).claim()  # every built key is valid
+    with pytest.raises(InvalidKeyError):
+        key()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        pytest.param("gs://bucket/x", id="unsupported-scheme"),
+        pytest.param("bucket/x", id="no-scheme"),
+        pytest.param("file://relative/path", id="relative-file"),
+        pytest.param("s3://", id="no-bucket"),
+    ],
+)
+def test_bad_store_urls(url):
+    """A store URL that cannot work fails at construction with a StoreConfigError."""
+    with pytest.raises(StoreConfigError):
+        CheckpointStore(url)
+
+
+def test_credentials_not_in_repr_or_pickle(s3_store_url):
+    """Secrets given as storage options never show in repr and the store refuses pickling."""
+    import pickle
+
+    url, opts = s3_store_url
+    store = CheckpointStore(url, **{**opts, "secret": "TOPSECRET-123"})
+    assert "TOPSECRET" not in repr(store) and "TOPSECRET" not in repr(store.stage("a/b"))
+    with pytest.raises(TypeError, match="not pickled"):
+        pickle.dumps(store)
+
+
+def test_unwritable_root_is_a_config_error(tmp_path):
+    """A store root that cannot be created is a clear StoreConfigError."""
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(StoreConfigError, match="writable"):
+        CheckpointStore(f"file://{blocker}/store")
