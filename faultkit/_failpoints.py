@@ -2,8 +2,9 @@
 
 Activated with ``FAULTKIT_FAILPOINTS="name=action[@n],..."`` in the environment (read when
 this module is imported, so a child process inherits it) or :func:`arm` in-process.
-Actions: ``kill`` (SIGKILL this process), ``raise`` (raise :class:`InjectedFault`),
-``exit`` (``os._exit(75)``). ``@n`` fires on the n-th hit only (default: the first).
+Actions: ``kill`` (SIGKILL this process), ``stop`` (SIGSTOP it: a paused zombie until
+someone sends SIGCONT), ``raise`` (raise :class:`InjectedFault`), ``exit`` (``os._exit(75)``).
+``@n`` fires on the n-th hit only (default: the first).
 When nothing is armed, :func:`hit` is one falsy check.
 """
 
@@ -47,8 +48,8 @@ def _parse(spec: str) -> dict[str, tuple[str, int]]:
         if "@" in action:
             action, _, n = action.partition("@")
             nth = int(n)
-        if action not in ("kill", "raise", "exit"):
-            raise ValueError(f"failpoint action {action!r} is not kill, raise or exit")
+        if action not in ("kill", "stop", "raise", "exit"):
+            raise ValueError(f"failpoint action {action!r} is not kill, stop, raise or exit")
         out[name] = (action, nth)
     return out
 
@@ -85,6 +86,9 @@ def hit(name: str) -> None:
             return
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "stop":
+        os.kill(os.getpid(), signal.SIGSTOP)
+        return
     elif action == "exit":
         os._exit(75)
     raise InjectedFault(f"failpoint {name!r} fired")
