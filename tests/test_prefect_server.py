@@ -1,0 +1,102 @@
+"""Worker loss on a real Prefect server: SIGKILLed runs are detected Crashed, re-run, resumed."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+pytest.importorskip("prefect")
+
+from faultkit import CheckpointStore, RetryPolicy, demo  # noqa: E402
+from faultkit.demo._prefect import PrefectStack  # noqa: E402
+from faultkit.testing import AlertReceiver, wait_until  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
+
+POLICY = RetryPolicy(
+    on=ConnectionError, attempts=2, infra_attempts=3, wait_initial=0.2, wait_jitter=0.0
+)
+ETL = {"partitions": 3, "rows": 400, "seed": 0, "unit_delay": 0.25}
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    """One alert receiver for the module's server."""
+    with AlertReceiver() as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, receiver):
+    """A Prefect server with the demo blocks and flows served (one per module)."""
+    work = tmp_path_factory.mktemp("prefect")
+    with PrefectStack(
+        store_url=f"file://{work / 'store'}",
+        alert_urls=[receiver.url()],
+        retry=POLICY,
+        workdir=work / "stack",
+        heartbeat_grace=50.0,
+    ) as s:
+        yield s
+
+
+def _units(store: CheckpointStore, prefix: str) -> dict[str, int]:
+    """Units done per stage key under ``prefix`` (the recorded task result excluded)."""
+    out = {}
+    for k in store.keys(prefix):
+        view = store.read_view(k)
+        out[k] = sum(1 for u in view.units if u != "s:@task-result")
+    return out
+
+
+def _state_types(stack: PrefectStack, run_id: str) -> list[str]:
+    return [s.type.value for s in stack.states(run_id)]
+
+
+def test_killed_etl_run_is_rerun_and_loads_rows_once(stack, receiver, tmp_path):
+    """SIGKILL of the flow-run process: the runner marks it Crashed, it re-runs and resumes."""
+    before = len(receiver.messages())
+    sink = f"sqlite:///{tmp_path / 'sink.db'}"
+    store = CheckpointStore(stack.store_url)
+    run_id = stack.run("faultkit-etl/etl", {"sink_url": sink, **ETL})
+
+    def some_progress() -> bool:
+        done = _units(store, "prefect/faultkit-etl")
+        return len(done) == ETL["partitions"] and 1 <= max(done.values()) < 8
+
+    wait_until(some_progress, 120, "ETL units to be committed")
+    proc = stack.flow_run_process()
+    assert proc is not None, "no flow-run process under the serving process"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not proc.is_running()
+    done_at_kill = _units(store, "prefect/faultkit-etl")
+
+    fr = stack.wait(run_id, "COMPLETED", timeout=180)
+    types = _state_types(stack, run_id)
+    assert "CRASHED" in types, types  # the fault fired and was seen
+    crashed = [s for s in stack.states(run_id) if s.type.value == "CRASHED"]
+    print("crash message:", crashed[0].message)
+    assert fr.run_count == 2
+    assert demo.check_sink(sink) == {
+        "rows": demo.expected_rows(ETL["partitions"], ETL["rows"]),
+        "distinct": demo.expected_rows(ETL["partitions"], ETL["rows"]),
+        "duplicates": 0,
+    }
+    # The re-run resumed: the killed attempt's units were not redone (epoch 2 skipped them).
+    resumed = [
+        k for k, n in done_at_kill.items() if n and store.read_view(k).epoch == 2
+    ]
+    assert resumed, done_at_kill
+    receiver.wait_for(before + 1, timeout=30)
+    alerts = receiver.messages()[before:]
+    assert len(alerts) == 1, alerts
+    assert "worker_lost" in str(alerts[0])
+
+    # Re-running the completed flow with the same parameters runs no task body again.
+    epochs = {k: store.read_view(k).epoch for k in store.keys("prefect/faultkit-etl")}
+    again = stack.run("faultkit-etl/etl", {"sink_url": sink, **ETL})
+    stack.wait(again, "COMPLETED", timeout=120)
+    assert {k: store.read_view(k).epoch for k in store.keys("prefect/faultkit-etl")} == epochs
+    assert demo.check_sink(sink)["rows"] == demo.expected_rows(ETL["partitions"], ETL["rows"])
