@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .._store import Stage
@@ -56,10 +57,12 @@ def etl_partition(
     seed: int = 0,
     unit_delay: float = 0.0,
     table: str = TABLE,
+    on_unit: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Extract, transform and load one partition, ``chunk`` rows per unit, exactly once.
 
-    ``unit_delay`` stands in for real work per unit (so a demo has time to kill it).
+    ``unit_delay`` stands in for real work per unit (so a demo has time to kill it);
+    ``on_unit(u)`` is called as each unit starts (the demo counts redone work with it).
 
     Returns:
         ``{"partition", "rows", "units", "units_written", "units_skipped", "epoch"}``.
@@ -68,6 +71,8 @@ def etl_partition(
     units = list(range((rows + chunk - 1) // chunk))
     written = 0
     for u in stage.pending(units):
+        if on_unit is not None:
+            on_unit(u)
         start = u * chunk
         batch = _transform(generate_orders(partition, start, min(chunk, rows - start), seed))
         if unit_delay:

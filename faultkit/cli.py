@@ -1,0 +1,250 @@
+"""The ``faultkit`` command: inspect, verify and clean stores; run the demo.
+
+    faultkit ls STORE_URL [PREFIX]        stages: epoch, units done, snapshots, last commit
+    faultkit show STORE_URL KEY           one stage in detail
+    faultkit verify STORE_URL [KEY]       check every snapshot; exit 1 on corruption
+    faultkit gc STORE_URL [KEY] --keep N  remove old snapshots and files of killed writers
+    faultkit demo [--engine ...]          watch a pipeline lose workers and recover
+
+Human-readable tables by default, ``--json`` for scripts. Storage options (S3 endpoint,
+credentials) come from ``-o name=value`` or the ``FAULTKIT_STORAGE_OPTIONS`` JSON variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ._errors import FaultkitError
+from ._store import CheckpointStore
+
+__all__ = ["main"]
+
+
+def _options(pairs: Sequence[str]) -> dict[str, Any]:
+    opts: dict[str, Any] = json.loads(os.environ.get("FAULTKIT_STORAGE_OPTIONS") or "{}")
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"faultkit: -o expects name=value, got {pair!r}")
+        try:
+            opts[name] = json.loads(value)
+        except ValueError:
+            opts[name] = value
+    if "endpoint_url" in opts:  # the one option people pass flat; s3fs wants it nested
+        opts.setdefault("client_kwargs", {})["endpoint_url"] = opts.pop("endpoint_url")
+    return opts
+
+
+def _age(ts: float) -> str:
+    if not ts:
+        return "-"
+    s = max(0.0, time.time() - ts)
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if s >= n:
+            return f"{s / n:.1f}{unit}"
+    return f"{s:.0f}s"
+
+
+def _size(n: int) -> str:
+    f = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if f < 1024 or unit == "GiB":
+            return f"{f:.0f} {unit}" if unit == "B" else f"{f:.1f} {unit}"
+        f /= 1024
+    return str(n)
+
+
+def _summary(store: CheckpointStore, key: str) -> dict[str, Any]:
+    v = store.read_view(key)
+    snaps = v.live_snaps()
+    return {
+        "key": key,
+        "epoch": v.epoch,
+        "units_done": len(v.units),
+        "snapshots": len(snaps),
+        "last_step": snaps[-1].step if snaps else None,
+        "last_commit": v.last_commit or None,
+        "corrupt_records": len(v.corrupt),
+    }
+
+
+def cmd_ls(store: CheckpointStore, a: argparse.Namespace, out: Console) -> int:
+    rows = [_summary(store, k) for k in store.keys(a.prefix or "")]
+    if a.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    t = Table(title=f"{store.url}: {len(rows)} stage(s)")
+    for col in ("key", "epoch", "units done", "snapshots", "last step", "last commit"):
+        t.add_column(col, justify="left" if col == "key" else "right")
+    for r in rows:
+        t.add_row(
+            r["key"],
+            str(r["epoch"]),
+            str(r["units_done"]),
+            str(r["snapshots"]),
+            "-" if r["last_step"] is None else str(r["last_step"]),
+            _age(r["last_commit"] or 0) + (" ago" if r["last_commit"] else ""),
+        )
+    out.print(t)
+    return 0
+
+
+def _snap_rows(store: CheckpointStore, key: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "step": r.step,
+            "epoch": r.epoch,
+            "size": r.size,
+            "created": r.ts,
+            "checksum": r.checksum,
+            "ok": err is None,
+            "error": err,
+            "meta": r.meta,
+        }
+        for r, err in store.verify(key)
+    ]
+
+
+def cmd_show(store: CheckpointStore, a: argparse.Namespace, out: Console) -> int:
+    v = store.read_view(a.key)
+    if not v.cursor:
+        out.print(f"[red]no stage {a.key!r} in {store.url}[/red]")
+        return 1
+    snaps = _snap_rows(store, a.key)
+    info = {
+        **_summary(store, a.key),
+        "claims": [{"epoch": e, "seq": s, "time": ts} for e, s, ts in v.claims],
+        "units": [{"unit": r.unit, "epoch": r.epoch, "result": r.result} for r in v.units.values()],
+        "snapshots_detail": snaps,
+    }
+    if a.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    out.print(
+        f"[bold]{a.key}[/bold]  epoch {v.epoch}, {len(v.units)} unit(s) done, "
+        f"{len(snaps)} snapshot(s), {v.cursor} log record(s)"
+    )
+    t = Table(title="attempts")
+    for col in ("epoch", "claimed", "units done by it"):
+        t.add_column(col)
+    for e, _s, ts in v.claims:
+        n = sum(1 for r in v.units.values() if r.epoch == e)
+        t.add_row(str(e), _age(ts) + " ago", str(n))
+    out.print(t)
+    _print_snaps(out, snaps)
+    return 0
+
+
+def _print_snaps(out: Console, snaps: list[dict[str, Any]], title: str = "snapshots") -> None:
+    t = Table(title=title)
+    for col in ("step", "epoch", "size", "age", "checksum"):
+        t.add_column(col, justify="right" if col != "checksum" else "left")
+    for s in snaps:
+        status = "[green]ok[/green]" if s["ok"] else f"[red]CORRUPT: {s['error']}[/red]"
+        t.add_row(str(s["step"]), str(s["epoch"]), _size(s["size"]), _age(s["created"]), status)
+    out.print(t)
+
+
+def cmd_verify(store: CheckpointStore, a: argparse.Namespace, out: Console) -> int:
+    keys = [a.key] if a.key else store.keys()
+    report = {}
+    bad = 0
+    for k in keys:
+        snaps = _snap_rows(store, k)
+        corrupt_records = store.read_view(k).corrupt
+        report[k] = {"snapshots": snaps, "corrupt_records": corrupt_records}
+        bad += sum(not s["ok"] for s in snaps) + len(corrupt_records)
+    if a.json:
+        print(json.dumps({"ok": bad == 0, "stages": report}, indent=2, default=str))
+    else:
+        for k, r in report.items():
+            if r["snapshots"]:
+                _print_snaps(out, r["snapshots"], title=k)
+            if r["corrupt_records"]:
+                out.print(f"[red]{k}: corrupt log records {r['corrupt_records']}[/red]")
+        verdict = "[green]all verified[/green]" if not bad else f"[red]{bad} problem(s)[/red]"
+        out.print(f"{len(keys)} stage(s): {verdict}")
+    return 1 if bad else 0
+
+
+def cmd_gc(store: CheckpointStore, a: argparse.Namespace, out: Console) -> int:
+    keys = [a.key] if a.key else store.keys()
+    report = {k: store.gc(k, keep=a.keep, grace=a.grace) for k in keys}
+    if a.json:
+        print(json.dumps(report, indent=2))
+    else:
+        t = Table(title=f"gc keep={a.keep}")
+        for col in ("key", "kept steps", "removed steps", "orphans", "temp files"):
+            t.add_column(col)
+        for k, r in report.items():
+            t.add_row(k, str(r["kept"]), str(r["removed"]), str(r["orphans"]), str(r["temp_files"]))
+        out.print(t)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="faultkit", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def store_cmd(name: str, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("store", metavar="STORE_URL")
+        sp.add_argument(
+            "-o",
+            "--option",
+            action="append",
+            default=[],
+            metavar="NAME=VALUE",
+            help="storage option for fsspec (repeatable), e.g. endpoint_url=...",
+        )
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        return sp
+
+    store_cmd("ls", "list stages").add_argument("prefix", nargs="?", default="")
+    store_cmd("show", "show one stage").add_argument("key")
+    store_cmd("verify", "verify snapshots (exit 1 on corruption)").add_argument("key", nargs="?")
+    gc = store_cmd("gc", "remove old snapshots and leftovers")
+    gc.add_argument("key", nargs="?")
+    gc.add_argument("--keep", type=int, default=3, help="valid snapshots to keep (min 1)")
+    gc.add_argument(
+        "--grace",
+        type=float,
+        default=600.0,
+        help="seconds before unreferenced/temp files count as abandoned",
+    )
+    demo = sub.add_parser("demo", help="run the bundled pipeline with real worker kills")
+    from .demo._cli import add_arguments
+
+    add_arguments(demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``faultkit`` console script."""
+    a = _parser().parse_args(argv)
+    out = Console()
+    if a.command == "demo":
+        from .demo._cli import run
+
+        return run(a, out)
+    try:
+        store = CheckpointStore(a.store, **_options(a.option))
+        return {"ls": cmd_ls, "show": cmd_show, "verify": cmd_verify, "gc": cmd_gc}[a.command](
+            store, a, out
+        )
+    except FaultkitError as exc:
+        out.print(f"[red]faultkit {a.command}: {exc}[/red]")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

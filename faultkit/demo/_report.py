@@ -1,0 +1,108 @@
+"""The demo's outputs: a rich table, report.json and a timeline PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from ._model import StageOutcome
+
+__all__ = ["print_tables", "write_report", "write_timeline"]
+
+
+def _yn(v: bool | None) -> str:
+    return "-" if v is None else ("[green]yes[/green]" if v else "[red]NO[/red]")
+
+
+def print_tables(console: Console, stages: list[StageOutcome], report: dict[str, Any]) -> None:
+    t = Table(title=f"faultkit demo: engine {report['engine']}")
+    for col in (
+        "stage",
+        "kills",
+        "attempts",
+        "work redone",
+        "rows",
+        "duplicates",
+        "same content",
+        "weights match",
+        "ok",
+    ):
+        t.add_column(col, justify="right" if col != "stage" else "left")
+    for s in stages:
+        rows = "-" if s.rows_expected is None else f"{s.rows_present}/{s.rows_expected}"
+        redone = f"{s.units_redone} of {s.units_total}"
+        t.add_row(
+            s.name,
+            str(s.kills),
+            str(s.attempts),
+            redone,
+            rows,
+            "-" if s.duplicates is None else str(s.duplicates),
+            _yn(s.content_equal),
+            _yn(s.weights_equal),
+            _yn(s.ok),
+        )
+    console.print(t)
+    o = report.get("overhead") or {}
+    if o:
+        ov = Table(title="overhead (uninterrupted runs, same machine)")
+        for col in ("path", "seconds", "ratio"):
+            ov.add_column(col, justify="right" if col != "path" else "left")
+        ov.add_row("plain ETL (no faultkit)", f"{o['plain_etl_s']:.2f}", "1.00")
+        ov.add_row(
+            "resumable ETL (faultkit)",
+            f"{o['resumable_etl_s']:.2f}",
+            f"{o['resumable_etl_s'] / max(o['plain_etl_s'], 1e-9):.2f}",
+        )
+        console.print(ov)
+    verdict = "[green]OK[/green]" if report["ok"] else "[red]FAILED[/red]"
+    console.print(
+        f"alerts received: {report['alerts_received']} (kills: "
+        f"{sum(s.kills for s in stages)})   verdict: {verdict}"
+    )
+
+
+def write_report(out_dir: str, report: dict[str, Any]) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "report.json")
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2, default=str)
+    return path
+
+
+def write_timeline(out_dir: str, stages: list[StageOutcome]) -> str | None:
+    """A PNG: one row per stage, a bar per attempt, a red mark per kill."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 1.2 + 0.8 * len(stages)))
+    for row, s in enumerate(stages):
+        for ev in s.timeline:
+            if ev["event"] == "attempt":
+                color = "#d9534f" if ev.get("killed") else "#5cb85c"
+                ax.barh(
+                    row,
+                    ev["end"] - ev["t"],
+                    left=ev["t"],
+                    color=color,
+                    alpha=0.6,
+                    edgecolor="black",
+                )
+            elif ev["event"] == "kill":
+                ax.plot(ev["t"], row, "kx", markersize=10, mew=2)
+    ax.set_yticks(range(len(stages)), [s.name for s in stages])
+    ax.set_xlabel("seconds since the stage started")
+    ax.set_title("attempts (red: SIGKILLed, green: finished), x: kill")
+    fig.tight_layout()
+    path = os.path.join(out_dir, "timeline.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
