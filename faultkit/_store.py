@@ -14,7 +14,7 @@ from typing import Any
 
 import xxhash
 
-from . import _failpoints
+from . import _failpoints, _metrics
 from ._errors import CorruptCheckpointError, StaleAttemptError
 from ._events import Event, emit
 from ._keys import check_key, check_unit, unit_id
@@ -316,6 +316,7 @@ class Stage:
             CheckpointWriteError: the storage refused the write; the previous snapshot is intact.
         """
         self._require_claim()
+        t0 = time.perf_counter()
         self.check()  # cheap, and spares writing gigabytes for a stale attempt
         meta = dict(meta or {})
         blob = f"{self._epoch:06d}-{int(step):012d}-{uuid.uuid4().hex[:12]}.bin"
@@ -351,6 +352,7 @@ class Stage:
             self._storage.delete(path)
             raise
         _failpoints.hit("save.committed")
+        _metrics.observe_save(time.perf_counter() - t0, size)
         return Snapshot(self.key, int(step), self._epoch, meta, size, checksum, now, b"")
 
     def _read_verified(self, rec: SnapRecord) -> bytes:
