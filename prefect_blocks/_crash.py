@@ -69,10 +69,19 @@ def _deployment_ids(client: Any, deployments: Iterable[Any]) -> list[str]:
 
 
 def _replace(client: Any, automation: Any) -> UUID:
-    """Create ``automation``, removing older ones of the same name (idempotent setup)."""
-    for old in client.read_automations_by_name(automation.name):
+    """Create ``automation`` or update the one of the same name in place (idempotent).
+
+    Updating in place, rather than delete-and-create, leaves no moment without the
+    automation, so a crash reported while a second runner starts up is not missed.
+    """
+    existing = client.read_automations_by_name(automation.name)
+    if not existing:
+        return client.create_automation(automation)
+    keep, *extra = existing
+    for old in extra:
         client.delete_automation(old.id)
-    return client.create_automation(automation)
+    client.update_automation(keep.id, automation)
+    return keep.id
 
 
 def setup_crash_retry(

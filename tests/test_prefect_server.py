@@ -8,9 +8,9 @@ import pytest
 
 pytest.importorskip("prefect")
 
-from faultkit import CheckpointStore, RetryPolicy, demo  # noqa: E402
-from faultkit.demo._prefect import PrefectStack  # noqa: E402
-from faultkit.testing import AlertReceiver, wait_until  # noqa: E402
+from faultkit import CheckpointStore, RetryPolicy, demo
+from faultkit.demo._prefect import PrefectStack
+from faultkit.testing import AlertReceiver, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
@@ -77,7 +77,7 @@ def test_killed_etl_run_is_rerun_and_loads_rows_once(stack, receiver, tmp_path):
     types = _state_types(stack, run_id)
     assert "CRASHED" in types, types  # the fault fired and was seen
     crashed = [s for s in stack.states(run_id) if s.type.value == "CRASHED"]
-    print("crash message:", crashed[0].message)
+    assert "-9" in crashed[0].message  # the runner saw the SIGKILL
     assert fr.run_count == 2
     assert demo.check_sink(sink) == {
         "rows": demo.expected_rows(ETL["partitions"], ETL["rows"]),
@@ -100,3 +100,37 @@ def test_killed_etl_run_is_rerun_and_loads_rows_once(stack, receiver, tmp_path):
     stack.wait(again, "COMPLETED", timeout=120)
     assert {k: store.read_view(k).epoch for k in store.keys("prefect/faultkit-etl")} == epochs
     assert demo.check_sink(sink)["rows"] == demo.expected_rows(ETL["partitions"], ETL["rows"])
+
+
+TRAIN = {"steps": 60, "every_steps": 10, "seed": 0, "step_delay": 0.25}
+
+
+def test_lost_worker_training_run_is_detected_by_heartbeats_and_resumes(stack, receiver):
+    """SIGKILL of the runner and the flow run: missing heartbeats mark it Crashed; it resumes."""
+    before = len(receiver.messages())
+    store = CheckpointStore(stack.store_url)
+    run_id = stack.run("faultkit-train/train", TRAIN)
+
+    def snapshot_saved() -> bool:
+        keys = store.keys("prefect/faultkit-train")
+        return bool(keys) and any(s.step >= 10 for s in store.read_view(keys[0]).live_snaps())
+
+    wait_until(snapshot_saved, 120, "a training checkpoint at step 10 or later")
+    killed = stack.kill_serving()
+    assert len(killed) >= 2  # the runner and the flow-run process
+    assert stack.flow_run(run_id).state.type.value == "RUNNING"  # nobody saw it die yet
+
+    stack.wait(run_id, "CRASHED", timeout=150, fail_on=())  # the zombie automation fired
+    stack.start_serving()  # a replacement worker
+    fr = stack.wait(run_id, "COMPLETED", timeout=180)
+    assert fr.run_count == 2
+    (k,) = store.keys("prefect/faultkit-train")
+    view = store.read_view(k)
+    assert view.epoch == 2
+    assert view.units["s:@task-result"].result == demo.reference_train(
+        TRAIN["steps"], TRAIN["seed"]
+    )
+    receiver.wait_for(before + 1, timeout=30)
+    alerts = receiver.messages()[before:]
+    assert len(alerts) == 1, alerts
+    assert "worker_lost" in str(alerts[0])
