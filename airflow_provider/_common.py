@@ -1,0 +1,163 @@
+"""What the operator, the decorator and the notifier share: stage keys, stores, incident alerts.
+
+An *incident* is "try N of a task did not succeed". Every path that can notice one — the
+task's own ``on_retry_callback`` / ``on_failure_callback`` in the worker, the DAG processor
+running those callbacks after a heartbeat timeout, and the next try finding the stage left
+half-done — builds the same :class:`faultkit.Event` identity for it (kind ``retry_scheduled``
+while a retry remains, ``gave_up`` when none does; key = the stage key; dedupe key =
+``try-N``), so an :class:`~faultkit.Alerter` with the stage's store delivers it once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from faultkit import CheckpointStore, Event, key
+
+__all__ = [
+    "POINTER",
+    "incident_event",
+    "progress",
+    "resolve_store",
+    "stage_key",
+    "store_config_of",
+    "task_label",
+    "ti_stage_key",
+]
+
+log = logging.getLogger("airflow_provider.faultkit")
+
+#: The task_state_store key holding the small progress pointer of a resumable task.
+POINTER = "faultkit"
+
+
+def stage_key(dag_id: str, run_id: str, task_id: str, map_index: int | None) -> str:
+    """The stage key of one task instance: the same for every try, distinct across runs."""
+    return key(dag_id, run_id, task_id, -1 if map_index is None else int(map_index))
+
+
+def ti_stage_key(ti: Any) -> str:
+    """:func:`stage_key` of a (runtime) task instance."""
+    return stage_key(ti.dag_id, ti.run_id, ti.task_id, getattr(ti, "map_index", -1))
+
+
+def resolve_store(store_conn_id: str | None, store_url: str | None) -> CheckpointStore:
+    """The store named by a ``faultkit`` connection or by a URL (exactly one of them)."""
+    if store_url:
+        return CheckpointStore(store_url)
+    from .hooks import CheckpointHook
+
+    return CheckpointHook(conn_id=store_conn_id or CheckpointHook.default_conn_name).get_store()
+
+
+def store_config_of(task: Any) -> tuple[str | None, str | None] | None:
+    """``(store_conn_id, store_url)`` of a resumable task (mapped or not), else None."""
+    for source in (task, getattr(task, "partial_kwargs", None)):
+        if source is None:
+            continue
+        get = source.get if isinstance(source, Mapping) else lambda n, s=source: getattr(s, n, None)
+        conn, url = get("store_conn_id"), get("store_url")
+        if conn or url:
+            return conn, url
+    return None
+
+
+def task_label(dag_id: str, task_id: str, map_index: int | None) -> str:
+    """``dag.task`` or ``dag.task[3]`` for a mapped instance."""
+    suffix = f"[{map_index}]" if map_index is not None and int(map_index) >= 0 else ""
+    return f"{dag_id}.{task_id}{suffix}"
+
+
+def progress(store: CheckpointStore | None, stage: str) -> dict[str, Any]:
+    """What the stage's log says right now: epoch, units done, last step, seconds since commit."""
+    if store is None:
+        return {}
+    try:
+        view = store.read_view(stage)
+    except Exception as exc:  # the alert must still go out if the store is unreachable
+        log.warning("could not read progress of %s: %s", stage, type(exc).__name__)
+        return {}
+    snaps = view.live_snaps()
+    return {
+        "epoch": view.epoch,
+        "units_done": len(view.units),
+        "last_step": snaps[-1].step if snaps else None,
+        "seconds_since_last_commit": round(max(0.0, time.time() - view.last_commit), 1)
+        if view.last_commit
+        else None,
+    }
+
+
+def _kept(p: Mapping[str, Any]) -> str:
+    if not p:
+        return "progress unknown (the store could not be read)"
+    parts = [f"{p.get('units_done', 0)} unit(s) done"]
+    if p.get("last_step") is not None:
+        parts.append(f"snapshot of step {p['last_step']}")
+    return ", ".join(parts)
+
+
+def _lost(p: Mapping[str, Any]) -> str:
+    secs = p.get("seconds_since_last_commit")
+    if not p:
+        return "unknown"
+    if secs is None:
+        return "everything this try did (nothing had been committed)"
+    return f"work after the last commit ({secs} s of it at most)"
+
+
+def incident_event(
+    *,
+    dag_id: str,
+    run_id: str,
+    task_id: str,
+    map_index: int | None,
+    try_number: int,
+    max_tries: int | None,
+    will_retry: bool,
+    cause: str,
+    progress_now: Mapping[str, Any],
+    next_step: str | None = None,
+) -> Event:
+    """The alert for "try ``try_number`` did not succeed", identical from every path.
+
+    Args:
+        cause: what happened, one short clause ("raised ConnectionError: ...",
+            "lost its worker (no heartbeat for 30 s)").
+        progress_now: :func:`progress` of the stage.
+        next_step: what happens next; a default is derived from ``will_retry``.
+    """
+    label = task_label(dag_id, task_id, map_index)
+    total = f" of {max_tries + 1}" if max_tries is not None and max_tries >= 0 else ""
+    if next_step is None:
+        next_step = (
+            f"Airflow retries it as try {try_number + 1}, which resumes from the last commit"
+            if will_retry
+            else "no retry remains: the task has failed; committed progress is kept, so "
+            "clearing the task resumes it"
+        )
+    message = (
+        f"{label} (run {run_id}) try {try_number}{total} {cause}. "
+        f"Kept: {_kept(progress_now)}. Lost: {_lost(progress_now)}. Next: {next_step}."
+    )
+    details = {
+        "dag_id": dag_id,
+        "run_id": run_id,
+        "task_id": task_id,
+        "map_index": -1 if map_index is None else int(map_index),
+        "try_number": try_number,
+        "max_tries": max_tries,
+        "will_retry": will_retry,
+        "cause": cause,
+        **{k: v for k, v in progress_now.items() if v is not None},
+    }
+    return Event(
+        "retry_scheduled" if will_retry else "gave_up",
+        stage_key(dag_id, run_id, task_id, map_index),
+        message,
+        details,
+        dedupe_key=f"try-{try_number}",
+    )
