@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ._alerts import Alerter
+from ._classify import classify
 from ._errors import (
     AlertConfigError,
     CheckpointWriteError,
@@ -14,23 +16,28 @@ from ._errors import (
 )
 from ._events import Event, subscribe
 from ._keys import key
+from ._retry import RetryPolicy, retry_test_mode
 from ._store import CheckpointStore, Snapshot, Stage
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AlertConfigError",
+    "Alerter",
     "CheckpointStore",
     "CheckpointWriteError",
     "CorruptCheckpointError",
     "Event",
     "FaultkitError",
     "InvalidKeyError",
+    "RetryPolicy",
     "Snapshot",
     "Stage",
     "StaleAttemptError",
     "StoreConfigError",
     "UnsafeCheckpointError",
+    "classify",
     "key",
+    "retry_test_mode",
     "subscribe",
 ]
