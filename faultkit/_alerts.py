@@ -583,10 +583,12 @@ class Alerter:
         """Send every emitted event of :attr:`kinds` from now on; returns an unsubscribe.
 
         Args:
-            group_window: 0 sends each event as it is emitted (in the emitting thread).
-                Above 0, events of one kind that share a dedupe key (or key) and arrive
-                within this many seconds are sent as one alert by a background thread;
-                unsubscribing (or exiting) flushes what is pending.
+            group_window: 0 sends each event as it is emitted, in the emitting thread
+                (so a slow channel delays that thread by at most the bounded delivery
+                retries). Above 0, delivery moves to a background thread, and events of
+                one kind that share a dedupe key (or key) and arrive within this many
+                seconds are sent as one alert; unsubscribing (or exiting) flushes what is
+                pending.
         """
         if group_window <= 0:
             return subscribe(self._on_event)
