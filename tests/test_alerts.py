@@ -358,3 +358,14 @@ def test_metrics_follow_events_saves_and_alerts(alert_receiver, store):
         if isinstance(server, tuple):
             server[0].shutdown()
     assert b"faultkit_resumes_total" in page and b"faultkit_alerts_sent_total" in page
+
+
+def test_dedupe_on_an_s3_store(alert_receiver, s3_store_url):
+    """Dedupe markers work on S3 (moto's server) through its create-if-absent writes."""
+    url, options = s3_store_url
+    first = Alerter(alert_receiver.url(), store=CheckpointStore(url, **options))
+    second = Alerter(alert_receiver.url(), store=CheckpointStore(url, **options))
+    assert first.send(lost_event()) is True
+    assert second.send(lost_event()) is False
+    assert first.send(lost_event(worker="tcp://10.0.0.9:1")) is True
+    assert len(alert_receiver.wait_for(2)) == 2
