@@ -135,7 +135,9 @@ class FaultkitNotifier(BaseNotifier):
             text = str(exc).splitlines()[0][:200] if str(exc) else ""
             cause = f"raised {type(exc).__name__}" + (f": {text}" if text else "")
         else:
-            cause = "lost its worker (no heartbeat reached the scheduler)"
+            # Reported by the scheduler/DAG processor: the task process ended without a
+            # result (SIGKILL, OOM) or its supervisor stopped heartbeating.
+            cause = "was lost: its process or worker stopped without reporting a result"
         k = stage_key(ti.dag_id, ti.run_id, ti.task_id, ti.map_index)
         return incident_event(
             dag_id=ti.dag_id,
