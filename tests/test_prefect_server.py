@@ -120,7 +120,8 @@ def test_lost_worker_training_run_is_detected_by_heartbeats_and_resumes(stack, r
     assert len(killed) >= 2  # the runner and the flow-run process
     assert stack.flow_run(run_id).state.type.value == "RUNNING"  # nobody saw it die yet
 
-    stack.wait(run_id, "CRASHED", timeout=150, fail_on=())  # the zombie automation fired
+    crashed = stack.wait_history(run_id, "CRASHED", timeout=150)
+    assert "heartbeat" in crashed.message  # the zombie automation fired
     stack.start_serving()  # a replacement worker
     fr = stack.wait(run_id, "COMPLETED", timeout=180)
     assert fr.run_count == 2

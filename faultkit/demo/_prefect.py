@@ -307,6 +307,18 @@ class PrefectStack:
         wait_until(reached, timeout, f"flow run {flow_run_id} to be {state}", interval=0.5)
         return seen["run"]
 
+    def wait_history(self, flow_run_id: str, state: str, timeout: float = 180.0) -> Any:
+        """Wait until the run has *been* in ``state`` (it may have left it since: a
+        ``CRASHED`` run is rescheduled at once); returns that state."""
+        found: list[Any] = []
+
+        def seen() -> bool:
+            found[:] = [s for s in self.states(flow_run_id) if s.type.value == state]
+            return bool(found)
+
+        wait_until(seen, timeout, f"flow run {flow_run_id} to pass through {state}", interval=0.5)
+        return found[-1]
+
     def flow_run_process(self) -> Any:
         """The process running a flow under the serving process (a ``psutil.Process``)."""
         import psutil
