@@ -178,10 +178,13 @@ def resumable_task(
             return key.format(**{**params, **inputs}), inputs
         return key, inputs
 
-    def _finished(k: str) -> tuple[bool, Any]:
-        view = store_ref.get().read_view(k)
-        rec = view.units.get(f"s:{RESULT_UNIT}")
-        return (True, rec.result) if rec is not None else (False, None)
+    def _open(k: str) -> tuple[Any, bool, Any]:
+        """(stage, finished?, recorded result); reading the log does not claim the stage."""
+        stage = store_ref.get().stage(k)
+        stage.refresh()
+        if stage.is_done(RESULT_UNIT):
+            return stage, True, stage.results().get(RESULT_UNIT)
+        return stage, False, None
 
     def _record(stage: Any, value: Any) -> None:
         if _json_ok(value):
@@ -200,11 +203,11 @@ def resumable_task(
         @functools.wraps(fn)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
             k, _ = _key(args, kwargs)
-            done, result = _finished(k)
+            stage, done, result = _open(k)
             if done:
                 log.info("stage %s already finished; returning its recorded result", k)
                 return result
-            with store_ref.get().stage(k) as stage:
+            with stage:
                 value = await fn(*args, stage=stage, **kwargs)
                 _record(stage, value)
             return value
@@ -214,11 +217,11 @@ def resumable_task(
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             k, _ = _key(args, kwargs)
-            done, result = _finished(k)
+            stage, done, result = _open(k)
             if done:
                 log.info("stage %s already finished; returning its recorded result", k)
                 return result
-            with store_ref.get().stage(k) as stage:
+            with stage:
                 value = fn(*args, stage=stage, **kwargs)
                 _record(stage, value)
             return value
