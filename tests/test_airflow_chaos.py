@@ -9,10 +9,13 @@ exactly one alert arrived, and no secret reached a task log.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import signal
 import uuid
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -22,13 +25,43 @@ from faultkit import CheckpointStore
 from faultkit.testing import AlertReceiver, wait_until
 
 psutil = pytest.importorskip("psutil")
-pytest.importorskip("airflow.sdk")
+if importlib.util.find_spec("airflow.sdk") is None:
+    pytest.skip("apache-airflow is not installed (pip install 'faultkit[airflow]')",
+                allow_module_level=True)
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 S3_SECRET = f"s3secret-{uuid.uuid4().hex}"
 ALERT_SECRET = f"alertpw{uuid.uuid4().hex[:16]}"
 HEARTBEAT_TIMEOUT = 10
+REPO = Path(__file__).resolve().parents[1]
+
+LEAKY_DAG = '''
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from airflow.sdk import DAG
+
+from airflow_provider.hooks import CheckpointHook
+from airflow_provider.operators import ResumablePythonOperator
+
+
+def leaky(*, stage):
+    hook = CheckpointHook()
+    # A careless task logs what it read; the masker must hide the credentials.
+    logging.getLogger("airflow.task").info("settings %s", hook.settings().storage_options)
+    logging.getLogger("airflow.task").info("alerts %s", hook.alert_urls())
+    conn = hook.get_connection("faultkit_default")
+    logging.getLogger("airflow.task").info("password %s", conn.password)
+    return "ok"
+
+
+with DAG("fk_unit_leaky", schedule=None, start_date=datetime(2024, 1, 1), catchup=False) as dag:
+    ResumablePythonOperator(task_id="work", python_callable=leaky)
+
+'''
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +70,11 @@ def deployment(tmp_path_factory):
     from faultkit.demo._airflow import airflow_env
 
     home = tmp_path_factory.mktemp("airflow")
+    dags = home / "dags"  # the example DAGs as shipped, plus one that logs secrets by mistake
+    dags.mkdir()
+    for f in ("faultkit_etl.py", "faultkit_train.py"):
+        shutil.copy(REPO / "dags" / f, dags / f)
+    (dags / "fk_leaky.py").write_text(LEAKY_DAG)
     receiver = AlertReceiver().start()
     store_url = f"file://{home}/store"
     sink_url = f"sqlite:///{home}/sink.db"
@@ -55,8 +93,10 @@ def deployment(tmp_path_factory):
         "FAULTKIT_DEMO_RETRY_WAIT": "1",
     }
     try:
-        with airflow_env(home / "home", env=env, heartbeat_timeout=HEARTBEAT_TIMEOUT) as af:
-            af.wait_parsed("faultkit_etl", "faultkit_train", timeout=240)
+        with airflow_env(
+            home / "home", env=env, dags_folder=dags, heartbeat_timeout=HEARTBEAT_TIMEOUT
+        ) as af:
+            af.wait_parsed("faultkit_etl", "faultkit_train", "fk_unit_leaky", timeout=240)
             yield SimpleNamespace(
                 af=af, receiver=receiver, store=CheckpointStore(store_url), sink_url=sink_url
             )
@@ -216,7 +256,11 @@ def test_supervisor_sigkilled_heartbeat_timeout_one_alert(deployment):
 
 
 def test_no_secret_in_task_logs(deployment):
-    """The connection's secret key and alert credentials never appear in any task log."""
+    """The connection's secrets never appear in task logs, even when a task logs them."""
+    run_id = deployment.af.trigger("fk_unit_leaky")
+    assert deployment.af.wait(run_id, timeout=120) == "success"
+    leaky = deployment.af.task_logs(run_id)
+    assert "alerts [" in leaky and "***" in leaky, "the careless task's lines are missing"
     logs = deployment.af.task_logs()
     assert "faultkit stage" in logs, "task logs were not written where expected"
     assert S3_SECRET not in logs

@@ -30,8 +30,10 @@ class _TrackedStage(Stage):
     """A Stage that keeps the task's progress pointer in Airflow's task_state_store.
 
     The pointer is small (epoch, units done, latest step); the data stays in the store.
-    It is written at most every ``interval`` seconds, and only from the task's main thread
-    (an async checkpoint writer's thread leaves it for the next main-thread commit).
+    It is first written at the first commit, then at most every ``interval`` seconds, and
+    only from the task's main thread (an async checkpoint writer's thread leaves it for the
+    next main-thread commit). A try that commits nothing writes no pointer, so a short task
+    pays nothing for it.
     """
 
     def __init__(self, store: CheckpointStore, key: str, pointer: _Pointer) -> None:
@@ -57,6 +59,7 @@ class _Pointer:
         self._base = base
         self._interval = interval
         self._last = 0.0
+        self.written = False
         self._main = threading.main_thread()
 
     def write(self, stage: Stage, status: str, **extra: Any) -> None:
@@ -66,7 +69,7 @@ class _Pointer:
         value = {
             **self._base,
             "epoch": stage.epoch,
-            "units_done": len(stage._view.units),
+            "units_done": len(stage.results()),
             "step": snaps[-1].step if snaps else None,
             "status": status,
             "updated": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -74,6 +77,7 @@ class _Pointer:
         }
         try:
             self._tss.set(POINTER, value)
+            self.written = True
         except Exception as exc:  # the UI pointer is a convenience; never fail the task on it
             log.warning("could not record progress in task_state_store: %s", exc)
         self._last = time.monotonic()
@@ -81,8 +85,13 @@ class _Pointer:
     def progress(self, stage: Stage) -> None:
         if threading.current_thread() is not self._main:
             return
-        if time.monotonic() - self._last >= self._interval:
+        if not self.written or time.monotonic() - self._last >= self._interval:
             self.write(stage, "running")
+
+    def finish(self, stage: Stage, status: str, **extra: Any) -> None:
+        """Record the outcome if a pointer exists (this try wrote one, or an earlier try did)."""
+        if self.written or stage.epoch > 1:
+            self.write(stage, status, **extra)
 
 
 def apply_retry(
@@ -246,7 +255,7 @@ class ResumablePythonOperator(PythonOperator):
         stage = _TrackedStage(store, key, pointer)
         stage.claim()
         alerter = self._alerter(store)
-        if alerter is not None and stage.epoch > 1:
+        if alerter is not None and stage.resumed:
             self._report_previous_try(stage, ti, tss, alerter)
         unsubscribe = None
         if alerter is not None:
@@ -260,15 +269,14 @@ class ResumablePythonOperator(PythonOperator):
             "faultkit stage %s: epoch %d%s", key, stage.epoch,
             f", resuming ({dict(stage.resume_info)})" if stage.resumed else "",
         )
-        pointer.write(stage, "running")
         self.op_kwargs = {**self.op_kwargs, "stage": stage}
         try:
             result = super().execute(context)
         except BaseException as exc:
-            pointer.write(stage, "failed", error=type(exc).__name__)
+            pointer.finish(stage, "failed", error=type(exc).__name__)
             raise
         finally:
             if unsubscribe is not None:
                 unsubscribe()
-        pointer.write(stage, "done")
+        pointer.finish(stage, "done")
         return result

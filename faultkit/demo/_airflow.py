@@ -28,7 +28,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["AirflowEnv", "airflow_env"]
+__all__ = ["AirflowEnv", "airflow_env", "local_airflow"]
 
 REPO = Path(__file__).resolve().parents[2]
 COMPONENTS = ("scheduler", "api-server", "dag-processor")
@@ -299,3 +299,54 @@ def airflow_env(
         yield af
     finally:
         af.stop()
+
+
+@contextlib.contextmanager
+def local_airflow(
+    tmpdir: str | os.PathLike[str],
+    *,
+    dags_folder: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[Path]:
+    """Point this process at a fresh SQLite metadata DB, for ``dag.test()`` (no components).
+
+    Sets the environment (so child processes inherit it), runs ``airflow db migrate`` and
+    re-reads Airflow's settings if Airflow was already imported. The environment is
+    restored on exit.
+
+    Yields:
+        ``AIRFLOW_HOME``.
+    """
+    home = Path(tmpdir).resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    new = {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(Path(dags_folder) if dags_folder else REPO / "dags"),
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow.db'}",
+        "AIRFLOW__DATABASE__CHECK_MIGRATIONS": "False",
+        "AIRFLOW__CORE__FERNET_KEY": "",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        **dict(env or {}),
+    }
+    old = {k: os.environ.get(k) for k in new}
+    os.environ.update(new)
+    try:
+        proc = subprocess.run(
+            [_airflow_bin(), "db", "migrate"], env=dict(os.environ), capture_output=True,
+            text=True, timeout=300, cwd=home,
+        )
+        if proc.returncode:
+            raise RuntimeError(f"'airflow db migrate' failed:\n{proc.stderr[-3000:]}")
+        if "airflow.settings" in sys.modules:
+            from airflow import settings
+
+            settings.configure_vars()
+            settings.configure_orm()
+        yield home
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

@@ -1,0 +1,349 @@
+"""The Airflow provider under ``dag.test()``: packaging, hook, operator, decorator, notifier, DAGs.
+
+A fresh SQLite metadata DB per module; DAGs run in this process through ``dag.test()`` (the
+chaos test runs it in child processes it SIGKILLs). Alerts go to a real HTTP receiver.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from airflow_provider._common import stage_key
+from faultkit import CheckpointStore
+from faultkit.testing import AlertReceiver
+
+if importlib.util.find_spec("airflow.sdk") is None:
+    pytest.skip("apache-airflow is not installed (pip install 'faultkit[airflow]')",
+                allow_module_level=True)
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = "s3cr3t-d0-not-log-7f3a9c"
+
+FLAKY_DAG = '''
+from __future__ import annotations
+
+import os
+from datetime import datetime
+
+from airflow.sdk import DAG, task
+
+from airflow_provider.notifications import FaultkitNotifier
+from faultkit import RetryPolicy
+
+STORE = os.environ["FK_UNIT_STORE"]
+RETRY = RetryPolicy(on=ConnectionError, attempts=3, wait_initial=0, wait_max=0, wait_jitter=0)
+NOTIFY = FaultkitNotifier([os.environ["FK_UNIT_ALERT_URL"]], conn_id=None, store_url=STORE)
+ERRORS = {"ConnectionError": ConnectionError, "ValueError": ValueError}
+
+with DAG(
+    "fk_unit_flaky", schedule=None, start_date=datetime(2024, 1, 1), catchup=False,
+    params={"fail_at": 2, "error": "ConnectionError", "items": [0], "fail_item": 0},
+    default_args={"on_retry_callback": NOTIFY, "on_failure_callback": NOTIFY},
+) as dag:
+
+    @task
+    def items(params=None):
+        return list(params["items"])
+
+    @task.resumable(retry=RETRY, store_url=STORE, alerts=[os.environ["FK_UNIT_ALERT_URL"]])
+    def work(item, *, stage, params=None, ti=None):
+        done_now = []
+        for u in stage.pending(range(5)):
+            if (u == params["fail_at"] and ti.try_number == 1
+                    and item == params["fail_item"]):
+                raise ERRORS[params["error"]](f"injected at unit {u}")
+            stage.done(u, {"try": ti.try_number})
+            done_now.append(u)
+        return {"epoch": stage.epoch, "done_now": done_now}
+
+    work.expand(item=items())
+'''
+
+SLOW_DAG = '''
+from __future__ import annotations
+
+import os
+import time
+from datetime import datetime
+
+from airflow.sdk import DAG
+
+from airflow_provider.operators import ResumablePythonOperator
+
+
+def slow(*, stage):
+    for u in stage.pending(range(8)):
+        time.sleep(0.2)
+        stage.done(u, os.getpid())
+    return {"epoch": stage.epoch, "pids": sorted(set(stage.results().values()))}
+
+
+with DAG("fk_unit_slow", schedule=None, start_date=datetime(2024, 1, 1), catchup=False) as dag:
+    ResumablePythonOperator(task_id="work", python_callable=slow,
+                            store_url=os.environ["FK_UNIT_STORE"], retries=3)
+'''
+
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    """A real HTTP alert receiver shared by the module."""
+    with AlertReceiver() as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def airflow_home(tmp_path_factory, receiver):
+    """A migrated SQLite metadata DB, the example DAGs and the test DAGs in one dags folder."""
+    from faultkit.demo._airflow import local_airflow
+
+    root = tmp_path_factory.mktemp("airflow-unit")
+    dags = root / "dags"
+    dags.mkdir()
+    for f in ("faultkit_etl.py", "faultkit_train.py"):
+        shutil.copy(REPO / "dags" / f, dags / f)
+    for name, text in (("fk_unit_flaky", FLAKY_DAG), ("fk_unit_slow", SLOW_DAG)):
+        (dags / f"{name}.py").write_text(textwrap.dedent(text))
+    conn = {
+        "conn_type": "faultkit",
+        "login": "minio",
+        "password": SECRET,
+        "extra": {"store_url": f"file://{root}/store",
+                  "storage_options": {"client_kwargs": {"endpoint_url": "http://127.0.0.1:1"}},
+                  "alert_urls": f"json://user:{SECRET}x@127.0.0.1:{receiver.port}/hook"},
+    }
+    env = {
+        "FK_UNIT_STORE": f"file://{root}/unit-store",
+        "FK_UNIT_ALERT_URL": receiver.url(),
+        "AIRFLOW_CONN_FAULTKIT_DEFAULT": json.dumps(conn),
+        "FAULTKIT_SINK_URL": f"sqlite:///{root}/sink.db",
+        "FAULTKIT_DEMO_RETRY_WAIT": "0",
+    }
+    with local_airflow(root / "home", dags_folder=dags, env=env) as home:
+        os.environ.update(env)
+        yield SimpleHome(root, dags, home)
+        for k in env:
+            os.environ.pop(k, None)
+
+
+class SimpleHome:
+    def __init__(self, root: Path, dags: Path, home: Path) -> None:
+        self.root, self.dags, self.home = root, dags, home
+
+    def dag(self, name: str):
+        spec = importlib.util.spec_from_file_location(f"fkdag_{name}", self.dags / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod
+        spec.loader.exec_module(mod)
+        return mod.dag
+
+
+def _tis(dr) -> dict:
+    return {(ti.task_id, ti.map_index): ti for ti in dr.get_task_instances()}
+
+
+def _xcom(dr, task_id: str, map_index: int = -1):
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as s:
+        row = s.query(XComModel).filter_by(
+            dag_id=dr.dag_id, run_id=dr.run_id, task_id=task_id, map_index=map_index,
+            key="return_value",
+        ).one()
+        return row.value if not isinstance(row.value, str) else json.loads(row.value)
+
+
+# -- packaging ---------------------------------------------------------------------------
+
+
+def test_provider_info_valid_against_airflow_schema():
+    """get_provider_info() validates against Airflow's runtime and provider.yaml schemas."""
+    import airflow
+    import jsonschema
+
+    from airflow_provider import get_provider_info
+
+    info = get_provider_info()
+    base = Path(airflow.__file__).parent
+    jsonschema.validate(info, json.loads((base / "provider_info.schema.json").read_text()))
+    dev = json.loads((base / "provider.yaml.schema.json").read_text())
+    jsonschema.validate(info["connection-types"], dev["properties"]["connection-types"])
+    assert info["package-name"] == "faultkit"
+
+
+def test_providers_manager_registers_everything(airflow_home):
+    """Airflow discovers the provider: connection type with labelled fields, decorator, notifier."""
+    from airflow.providers_manager import ProvidersManager
+    from airflow.sdk import task
+
+    pm = ProvidersManager()
+    assert "faultkit" in pm.providers
+    from airflow.sdk.providers_manager_runtime import ProvidersManagerTaskRuntime
+
+    hook = ProvidersManagerTaskRuntime().hooks["faultkit"]
+    assert hook.hook_class_name == "airflow_provider.hooks.CheckpointHook"
+    widgets = pm._connection_form_widgets_from_metadata
+    assert widgets["extra__faultkit__store_url"].field["schema"]["title"] == "Store URL"
+    assert widgets["extra__faultkit__alert_urls"].is_sensitive
+    assert "host" in pm._field_behaviours_from_metadata["faultkit"]["hidden_fields"]
+    assert "airflow_provider.notifications.FaultkitNotifier" in pm.notification
+    from airflow_provider.decorators import resumable_task
+
+    assert task.resumable is resumable_task
+
+
+# -- hook ------------------------------------------------------------------------------
+
+
+def test_hook_reads_env_connection_and_masks_secrets(airflow_home, monkeypatch):
+    """A JSON AIRFLOW_CONN_* connection opens the store; its secrets are registered for masking."""
+    from airflow.sdk._shared.secrets_masker import redact
+
+    from airflow_provider.hooks import CheckpointHook
+
+    hook = CheckpointHook()
+    s = hook.settings()
+    assert s.store_url == f"file://{airflow_home.root}/store"
+    assert "secret" not in s.storage_options  # login/password are S3 credentials only
+    assert len(s.alert_urls) == 1
+    monkeypatch.setenv("AIRFLOW_CONN_FK_S3", json.dumps(
+        {"conn_type": "faultkit", "login": "AKIA", "password": SECRET,
+         "extra": {"store_url": "s3://bucket/ck"}}))
+    s3 = CheckpointHook("fk_s3").settings()
+    assert s3.storage_options == {"key": "AKIA", "secret": SECRET}
+    assert SECRET not in repr(s) and SECRET not in repr(hook)
+    assert SECRET not in str(redact(f"leak {SECRET} and {s.alert_urls[0]}"))
+    with hook.get_store().stage("hook/probe") as st:
+        st.done("u")
+    assert hook.test_connection()[0]
+
+
+# -- operator / decorator / notifier under dag.test() --------------------------------------
+
+
+def test_retryable_error_resumes_in_try_two(airflow_home, receiver):
+    """A retryable error mid-way fails try 1; try 2 resumes at epoch 2 and redoes no unit."""
+    before = len(receiver.messages())
+    dr = airflow_home.dag("fk_unit_flaky").test(run_conf={"fail_at": 2, "error": "ConnectionError"})
+    assert dr.state == "success"
+    ti = _tis(dr)[("work", 0)]
+    assert ti.try_number == 2
+    out = _xcom(dr, "work", 0)
+    assert out == {"epoch": 2, "done_now": [2, 3, 4]}  # units 0 and 1 were not redone
+    view = CheckpointStore(os.environ["FK_UNIT_STORE"]).read_view(
+        stage_key("fk_unit_flaky", dr.run_id, "work", 0)
+    )
+    assert {r.unit: r.epoch for r in view.units.values()} == {0: 1, 1: 1, 2: 2, 3: 2, 4: 2}
+    # on_retry_callback (worker) and the resumed try both reported try 1: one alert.
+    alerts = receiver.wait_for(before + 1, 30)[before:]
+    assert len(alerts) == 1
+    assert "retry scheduled" in alerts[0]["title"]
+    assert "try 1 of 3 raised ConnectionError" in alerts[0]["message"]
+
+
+def test_non_retryable_error_fails_at_once(airflow_home, receiver):
+    """An error outside the policy's on= fails on try 1 and is reported as final, not a retry."""
+    before = len(receiver.messages())
+    dr = airflow_home.dag("fk_unit_flaky").test(run_conf={"fail_at": 1, "error": "ValueError"})
+    assert dr.state == "failed"
+    ti = _tis(dr)[("work", 0)]
+    assert ti.try_number == 1 and ti.state == "failed"
+    alerts = receiver.wait_for(before + 1, 30)[before:]
+    titles = [a["title"] for a in alerts]
+    assert any("gave up" in t for t in titles), titles
+    assert not any("retry scheduled" in t for t in titles), titles
+
+
+def test_mapped_keys_distinct_per_index_stable_across_tries(airflow_home):
+    """Mapped instances get one stage each; the failing one keeps its key into try 2."""
+    dr = airflow_home.dag("fk_unit_flaky").test(
+        run_conf={"items": [10, 11, 12], "fail_item": 11, "fail_at": 3}
+    )
+    assert dr.state == "success"
+    store = CheckpointStore(os.environ["FK_UNIT_STORE"])
+    keys = store.keys(stage_key("fk_unit_flaky", dr.run_id, "work", 0).rsplit("/", 1)[0] + "/")
+    assert keys == [stage_key("fk_unit_flaky", dr.run_id, "work", i) for i in range(3)]
+    epochs = [store.read_view(k).epoch for k in keys]
+    assert epochs == [1, 2, 1]
+    assert _tis(dr)[("work", 1)].try_number == 2
+    pointer = _pointer(dr, "work", 1)
+    assert pointer["status"] == "done" and pointer["epoch"] == 2 and pointer["units_done"] == 5
+
+
+def _pointer(dr, task_id: str, map_index: int) -> dict:
+    from airflow.utils.session import create_session
+    from sqlalchemy import text
+
+    with create_session() as s:
+        value = s.execute(
+            text("SELECT value FROM task_state_store WHERE dag_id=:d AND run_id=:r AND "
+                 "task_id=:t AND map_index=:m AND key='faultkit'"),
+            {"d": dr.dag_id, "r": dr.run_id, "t": task_id, "m": map_index},
+        ).scalar_one()
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def test_example_etl_dag_runs(airflow_home):
+    """faultkit_etl loads every partition exactly once under dag.test()."""
+    dr = airflow_home.dag("faultkit_etl").test(run_conf={"partitions": 3, "rows": 120})
+    assert dr.state == "success"
+    check = _xcom(dr, "check")
+    assert check["rows"] == check["expected"] == 360 and check["duplicates"] == 0
+
+
+def test_example_train_dag_runs(airflow_home):
+    """faultkit_train trains and its weights equal the in-process reference run."""
+    pytest.importorskip("torch")
+    dr = airflow_home.dag("faultkit_train").test(
+        run_conf={"steps": 20, "every_steps": 5, "verify": True}
+    )
+    assert dr.state == "success"
+    assert _tis(dr)[("verify", -1)].state == "success"
+
+
+# -- chaos: a real SIGKILL of a process running dag.test() -----------------------------------
+
+LOGICAL = dt.datetime(2024, 6, 1, tzinfo=dt.UTC)
+
+
+def run_slow_dag() -> dict:
+    """Child-process entry: run fk_unit_slow for a fixed logical date (same run id each time)."""
+    dags = Path(os.environ["AIRFLOW__CORE__DAGS_FOLDER"])
+    spec = importlib.util.spec_from_file_location("fkdag_slow_child", dags / "fk_unit_slow.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    dr = mod.dag.test(logical_date=LOGICAL, run_after=LOGICAL)
+    return {"state": str(dr.state), "run_id": dr.run_id}
+
+
+def test_sigkilled_dag_test_resumes_in_same_run(airflow_home, faultkit_chaos):
+    """SIGKILLed mid-stage by the chaos fixture, the same DAG run resumes without redoing units."""
+    store = CheckpointStore(os.environ["FK_UNIT_STORE"])
+
+    def units_done() -> int:
+        keys = store.keys("fk_unit_slow/")
+        return len(store.read_view(keys[0]).units) if keys else 0
+
+    report = faultkit_chaos.run_with_kills(
+        run_slow_dag, kills=1, seed=3, ready=lambda: units_done() >= 2, max_delay=0.3,
+        timeout=240,
+    )
+    assert report.kills == 1
+    assert report.result["state"] == "success"
+    (k,) = store.keys("fk_unit_slow/")
+    view = store.read_view(k)
+    assert view.epoch == 2
+    by_epoch = [r.epoch for r in sorted(view.units.values(), key=lambda r: r.unit)]
+    assert by_epoch == sorted(by_epoch) and by_epoch[0] == 1 and by_epoch[-1] == 2
+    pids = {r.result for r in view.units.values()}
+    assert len(pids) == 2  # two processes did the work, each unit exactly once
