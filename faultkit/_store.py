@@ -210,8 +210,12 @@ class Stage:
                 break
             self._epoch = epoch
             self._claimed_at = now
-            with contextlib.suppress(FileExistsError):
-                self._storage.create(f"{INDEX}/{self.key.replace('/', '@')}", b"")
+            index = f"{INDEX}/{self.key.replace('/', '@')}"
+            try:  # a stat, not a create: retries should not pay an fsync for the index
+                self._storage.info(index)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):
+                    self._storage.create(index, b"")
             v = self._view
             if self.resumed:
                 live = v.live_snaps()
