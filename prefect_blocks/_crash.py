@@ -3,8 +3,9 @@
 How it works, on an open-source Prefect server (3.7 and later 3.x):
 
 1. **Zombie detection.** A flow-run process sends a ``prefect.flow-run.heartbeat`` event every
-   ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` seconds (at least 30; set it on the runner or
-   worker, e.g. ``flow.serve(..., heartbeat_seconds=30)`` / ``serve(..., heartbeat_seconds=30)``).
+   ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` seconds (at least 30). Set it in the environment of
+   the runner or worker, or serve with ``prefect.serve(*deployments, heartbeat_seconds=30)``
+   (``Flow.serve`` has no such argument in 3.7).
    A *proactive* automation expects, after each heartbeat, another heartbeat or a final state
    within ``heartbeat_grace`` seconds; when none comes (the process and its worker were
    SIGKILLed, the node vanished) it sets the run ``Crashed``. When only the flow-run process
