@@ -183,7 +183,7 @@ def test_ddp_rank_killed_resumes_bitwise(tmp_path, ddp_reference, scenario):
         killed = _read_events(str(out / f"r{plan['rank']}.a{attempt}.jsonl"))
         assert not any(e == "result" for e, _ in killed), f"{what}: kill {attempt} did not land"
         if plan["kind"] == "time":
-            assert ["kill", plan["step"]] in killed, what
+            assert any(e == "kill" and v >= plan["step"] for e, v in killed), what
         nxt = _read_events(str(out / f"r0.a{attempt + 1}.jsonl"))
         start = next(v for e, v in nxt if e == "start")
         _check_resume(_read_events(str(out / f"r0.a{attempt}.jsonl")), start, EVERY, what)

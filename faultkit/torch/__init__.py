@@ -1,6 +1,26 @@
 """PyTorch training state that resumes bit for bit: ``TrainingCheckpointer``, ``ResumableSampler``.
 
 Needs PyTorch (``pip install 'faultkit[torch]'``); ``import faultkit`` alone never imports it.
+
+The data position must be part of the state, or a mid-epoch resume reuses or skips batches
+(``restore()`` warns with :class:`ResumeWarning`). Either sample with ``ResumableSampler``::
+
+    sampler = ResumableSampler(dataset, seed=0)
+    loader = DataLoader(dataset, batch_size=32, sampler=sampler,
+                        generator=torch.Generator())   # keeps iter() off the global RNG
+    ckpt = TrainingCheckpointer(stage, model=m, optimizer=opt, extra={"sampler": sampler},
+                                every_steps=100)
+
+or, with loader worker processes, use torchdata's ``StatefulDataLoader`` (it tracks batches
+already yielded, prefetching included) and pass the loader itself::
+
+    from torchdata.stateful_dataloader import StatefulDataLoader
+    loader = StatefulDataLoader(dataset, batch_size=32, shuffle=True, num_workers=4)
+    ckpt = TrainingCheckpointer(stage, model=m, optimizer=opt, extra={"loader": loader},
+                                every_steps=100)
+
+Under DDP, give each rank's sampler or loader in ``extra``: their states are saved per rank.
+Sharded state (FSDP, DTensor, torch.distributed.checkpoint) is not supported yet.
 """
 
 from __future__ import annotations

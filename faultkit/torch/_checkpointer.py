@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -41,6 +42,13 @@ def _stateful(name: str, obj: Any) -> Any:
             "pass objects that do (or wrap it in one)"
         )
     return obj
+
+
+def _sole_owner(data: Any) -> bool:
+    """True if ``data`` is referenced only by the caller's one variable (CPython)."""
+    getrefcount = getattr(sys, "getrefcount", None)
+    # the caller's variable, this function's argument, getrefcount's argument
+    return getrefcount is not None and type(data) is bytes and getrefcount(data) <= 3
 
 
 def _is_data_position(obj: Any) -> bool:
@@ -191,13 +199,19 @@ class TrainingCheckpointer:
         self._last_time = time.monotonic()
         if snap is None:
             return 0
-        tree = decode(snap.data)
+        data = snap.data
         del snap
+        # Tensors share the snapshot's buffer. When nothing but this frame holds it, the
+        # optimizer may keep (and update) them in place instead of copying twice the model
+        # size into fresh memory; a buffer someone else holds (memory://) is copied.
+        owned = _sole_owner(data)
+        tree = decode(data)
+        del data
         if not isinstance(tree, dict) or tree.get("format") != FORMAT:
             raise CorruptCheckpointError(
                 f"stage {self.stage.key!r}: snapshot of step {step} is not a {FORMAT} bundle"
             )
-        self._load(tree, step)
+        self._load(tree, step, owned=owned)
         self._last_step = step
         return step + 1
 
@@ -404,7 +418,7 @@ class TrainingCheckpointer:
 
     # -- restoring --------------------------------------------------------------------
 
-    def _load(self, tree: dict[str, Any], step: int) -> None:
+    def _load(self, tree: dict[str, Any], step: int, *, owned: bool) -> None:
         key = self.stage.key
         meta = tree.get("meta") or {}
         if meta.get("torch") != torch.__version__:
@@ -432,9 +446,9 @@ class TrainingCheckpointer:
                     f"stage {key!r}: the snapshot of step {step} has no {name} state; it was "
                     f"saved without a {name}. Pass the same objects that saved it."
                 )
-            # load_state_dict copies into a module's own tensors; other objects may keep
-            # what they are given, so they get tensors that own writable memory.
-            obj.load_state_dict(state if name == "model" else clone_tensors(state))
+            # A module copies into its own tensors; other objects may keep what they are
+            # given, so unless the buffer is ours alone they get tensors with their own memory.
+            obj.load_state_dict(state if name == "model" or owned else clone_tensors(state))
         local = self._local_state(tree, step)
         shared = tree.get("extra") or {}
         rank_extra = (local or {}).get("extra") or {}

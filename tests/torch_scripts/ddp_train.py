@@ -2,8 +2,8 @@
 
 Usage: torchrun ... ddp_train.py STORE_URL KEY STEPS EVERY OUT_DIR PLANS_JSON
 
-PLANS_JSON is a list of {"attempt": a, "rank": r, "kind": "time", "step": k, "after": s} (this
-rank SIGKILLs itself `after` seconds after finishing step k, on restart attempt a) or
+PLANS_JSON is a list of {"attempt": a, "rank": r, "kind": "time", "step": k, "after": s} (on
+restart attempt a, this rank SIGKILLs itself `after` seconds after its first step >= k) or
 {"attempt": a, "rank": r, "kind": "fp", "point": name, "nth": n} (a faultkit failpoint that
 SIGKILLs it). Each rank writes JSON-line events to OUT_DIR/r<rank>.a<attempt>.jsonl.
 """
@@ -96,7 +96,8 @@ def main() -> None:
             opt.step()
             sched.step()
             say("step", step)
-            if step == kill_step:
+            if kill_step is not None and step >= kill_step:
+                kill_step = None
                 say("kill", step)
                 threading.Timer(kill_after, os.kill, (os.getpid(), signal.SIGKILL)).start()
             if ckpt.step(step):

@@ -1,0 +1,171 @@
+"""TrainingCheckpointer against torch.save/torch.load, measured in the same process.
+
+A 4-layer 2048-wide MLP with AdamW: 16.8 M parameters, 201 MB of parameters + optimizer
+state, on a ``file://`` store in a temp folder. Prints and returns:
+
+* ``sync_save_ratio``: (torch.save to a new file + fsync + rename) time / ``save(wait=True)``
+  time (>= 1: faster). Both write a new file each time: overwriting a file in place would
+  reuse its pages, which neither an atomic torch.save nor a snapshot can;
+* ``restore_ratio``: (torch.load + load_state_dict) time / ``restore()`` time;
+* ``async_pause_ratio``: training-loop pause of an async save / sync save time (<= 0.15);
+* ``steady_ratio``: steps/s with a save every ``every_seconds`` / steps/s without.
+
+Torch runs on one thread (on 2 cores the other is left to the background writer, as a GPU
+trainer leaves its CPU cores). Run: ``python bench/bench_torch.py [steady_seconds]``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from faultkit import CheckpointStore
+from faultkit.torch import TrainingCheckpointer
+
+WIDTH, LAYERS, BATCH = 2048, 4, 32
+
+
+def _model() -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for _ in range(LAYERS):
+        layers += [torch.nn.Linear(WIDTH, WIDTH), torch.nn.ReLU()]
+    model = torch.nn.Sequential(*layers)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    return model, opt
+
+
+def _step(model: torch.nn.Module, opt: torch.optim.Optimizer) -> None:
+    x = torch.randn(BATCH, WIDTH)
+    loss = model(x).square().mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def _state_bytes(model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    n = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    for s in opt.state.values():
+        n += sum(t.numel() * t.element_size() for t in s.values() if isinstance(t, torch.Tensor))
+    return n
+
+
+def _torch_save(model: torch.nn.Module, opt: torch.optim.Optimizer, path: str) -> float:
+    """The careful way: a new file, fsync'd, renamed over the previous one."""
+    t0 = time.perf_counter()
+    with open(path + ".tmp", "wb") as f:
+        torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(path + ".tmp", path)
+    fd = os.open(os.path.dirname(path), os.O_RDONLY)
+    os.fsync(fd)
+    os.close(fd)
+    return time.perf_counter() - t0
+
+
+def _torch_load(model: torch.nn.Module, opt: torch.optim.Optimizer, path: str) -> float:
+    t0 = time.perf_counter()
+    state = torch.load(path, weights_only=True)
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    return time.perf_counter() - t0
+
+
+def _rate(model: torch.nn.Module, opt: torch.optim.Optimizer, seconds: float,
+          ckpt: TrainingCheckpointer | None, first: int) -> tuple[float, int, int]:
+    steps = saves = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        _step(model, opt)
+        if ckpt is not None:
+            saves += ckpt.step(first + steps)
+        steps += 1
+    return steps / (time.perf_counter() - t0), steps, saves
+
+
+def main(steady_seconds: float = 20.0, repeat: int = 5) -> dict[str, Any]:
+    """Run every measurement; returns the ratios and the raw timings (seconds)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tempfile.mkdtemp(prefix="fk-bench-torch-")
+    try:
+        model, opt = _model()
+        _step(model, opt)  # creates the optimizer state
+        size = _state_bytes(model, opt)
+        store = CheckpointStore(f"file://{root}/store")
+        path = os.path.join(root, "baseline.pt")
+        with store.stage("bench/torch") as stage:
+            kw: dict[str, Any] = {"model": model, "optimizer": opt, "keep": 2,
+                                  "check_data_position": False}
+            sync = TrainingCheckpointer(stage, every_steps=10**9, async_save=False, **kw)
+            base_save, our_save, base_load, our_load = [], [], [], []
+            for i in range(repeat):
+                base_save.append(_torch_save(model, opt, path))
+                t0 = time.perf_counter()
+                sync.save(i, wait=True)
+                our_save.append(time.perf_counter() - t0)
+                sync.wait()  # retention runs in the background; not part of the save
+            for _ in range(repeat):
+                base_load.append(_torch_load(model, opt, path))
+                t0 = time.perf_counter()
+                TrainingCheckpointer(stage, every_steps=10**9, **kw).restore()
+                our_load.append(time.perf_counter() - t0)
+            sync.close()
+            asyn = TrainingCheckpointer(stage, every_steps=10**9, async_save=True, **kw)
+            pauses = []
+            for i in range(repeat + 1):  # the first one allocates the staging buffer
+                t0 = time.perf_counter()
+                asyn.save(100 + i)
+                pauses.append(time.perf_counter() - t0)
+                asyn.wait()
+            asyn.close()
+            off1, n1, _ = _rate(model, opt, steady_seconds / 2, None, 0)
+            every = max(1.0, steady_seconds / 2 - 0.5)  # two saves inside the window
+            steady = TrainingCheckpointer(stage, every_seconds=every, async_save=True, **kw)
+            on, _, saves = _rate(model, opt, steady_seconds, steady, 1000)
+            steady.close()
+            off2, n2, _ = _rate(model, opt, steady_seconds / 2, None, 0)
+        med = statistics.median
+        out = {
+            "state_mb": round(size / 1e6, 1),
+            "torch_save_fsync_s": med(base_save),
+            "sync_save_s": med(our_save),
+            "sync_save_ratio": med(base_save) / med(our_save),
+            "torch_load_s": med(base_load),
+            "restore_s": med(our_load),
+            "restore_ratio": med(base_load) / med(our_load),
+            "async_pause_s": med(pauses[1:]),
+            "async_first_pause_s": pauses[0],
+            "async_pause_ratio": med(pauses[1:]) / med(our_save),
+            "steps_per_s_off": (off1 * n1 + off2 * n2) / (n1 + n2),
+            "steps_per_s_on": on,
+            "steady_every_seconds": every,
+            "steady_saves": saves,
+            "steady_ratio": on / ((off1 * n1 + off2 * n2) / (n1 + n2)),
+        }
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        torch.set_num_threads(threads)
+    print(f"state: {out['state_mb']} MB (parameters + AdamW state), file:// store, 1 torch thread")
+    print(f"sync save   {out['sync_save_s']:.3f} s vs torch.save+fsync+rename "
+          f"{out['torch_save_fsync_s']:.3f} s  ratio {out['sync_save_ratio']:.2f}x (>= 1.0)")
+    print(f"restore     {out['restore_s']:.3f} s vs torch.load+load_state_dict "
+          f"{out['torch_load_s']:.3f} s  ratio {out['restore_ratio']:.2f}x (>= 1.0)")
+    print(f"async pause {out['async_pause_s']:.3f} s (first {out['async_first_pause_s']:.3f} s) "
+          f"= {out['async_pause_ratio']:.3f} of a sync save (<= 0.15)")
+    print(f"steady      {out['steps_per_s_on']:.2f} steps/s saving every {every:.0f} s "
+          f"({saves} saves) vs {out['steps_per_s_off']:.2f} off  "
+          f"ratio {out['steady_ratio']:.3f} (>= 0.95)")
+    return out
+
+
+if __name__ == "__main__":
+    main(float(sys.argv[1]) if len(sys.argv) > 1 else 20.0)
