@@ -6,7 +6,8 @@ state, on a ``file://`` store in a temp folder. Prints and returns:
 * ``sync_save_ratio``: (torch.save to a new file + fsync + rename) time / ``save(wait=True)``
   time (>= 1: faster). Both write a new file each time: overwriting a file in place would
   reuse its pages, which neither an atomic torch.save nor a snapshot can;
-* ``restore_ratio``: (torch.load + load_state_dict) time / ``restore()`` time;
+* ``restore_ratio``: (torch.load + load_state_dict) time / ``restore()`` time, each in a
+  fresh process (a restore follows a restart);
 * ``async_pause_ratio``: training-loop pause of an async save / sync save time (<= 0.15);
 * ``steady_ratio``: steps/s with a save every ``every_seconds`` / steps/s without.
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -79,6 +81,33 @@ def _torch_load(model: torch.nn.Module, opt: torch.optim.Optimizer, path: str) -
     return time.perf_counter() - t0
 
 
+def _child_restore(kind: str, root: str, path: str) -> None:
+    """In a fresh process: build the model, then time one restore of ``kind``; prints s."""
+    torch.set_num_threads(1)
+    model, opt = _model()
+    _step(model, opt)
+    if kind == "torch.load":
+        print(_torch_load(model, opt, path))
+        return
+    store = CheckpointStore(f"file://{root}/store")
+    with store.stage("bench/torch") as stage:
+        ckpt = TrainingCheckpointer(stage, model=model, optimizer=opt, every_steps=10**9,
+                                    check_data_position=False)
+        t0 = time.perf_counter()
+        ckpt.restore()
+        print(time.perf_counter() - t0)
+        ckpt.close()
+
+
+def _restore_in_child(kind: str, root: str, path: str) -> float:
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = (f"import sys; sys.path.insert(0, {here!r}); import bench_torch; "
+            f"bench_torch._child_restore({kind!r}, {root!r}, {path!r})")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 def _rate(model: torch.nn.Module, opt: torch.optim.Optimizer, seconds: float,
           ckpt: TrainingCheckpointer | None, first: int) -> tuple[float, int, int]:
     steps = saves = 0
@@ -91,7 +120,7 @@ def _rate(model: torch.nn.Module, opt: torch.optim.Optimizer, seconds: float,
     return steps / (time.perf_counter() - t0), steps, saves
 
 
-def main(steady_seconds: float = 20.0, repeat: int = 5) -> dict[str, Any]:
+def main(steady_seconds: float = 20.0, repeat: int = 5, restore_repeat: int = 2) -> dict[str, Any]:
     """Run every measurement; returns the ratios and the raw timings (seconds)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -113,12 +142,14 @@ def main(steady_seconds: float = 20.0, repeat: int = 5) -> dict[str, Any]:
                 sync.save(i, wait=True)
                 our_save.append(time.perf_counter() - t0)
                 sync.wait()  # retention runs in the background; not part of the save
-            for _ in range(repeat):
-                base_load.append(_torch_load(model, opt, path))
-                t0 = time.perf_counter()
-                TrainingCheckpointer(stage, every_steps=10**9, **kw).restore()
-                our_load.append(time.perf_counter() - t0)
             sync.close()
+        # Each restore in a fresh process, as after a crash: in one process a repeated load
+        # would reuse memory freed by the previous one, which a restart never can. (Each
+        # claims the stage, as a restarted attempt does.)
+        for _ in range(restore_repeat):
+            base_load.append(_restore_in_child("torch.load", root, path))
+            our_load.append(_restore_in_child("restore", root, path))
+        with store.stage("bench/torch") as stage:
             asyn = TrainingCheckpointer(stage, every_steps=10**9, async_save=True, **kw)
             pauses = []
             for i in range(repeat + 1):  # the first one allocates the staging buffer
