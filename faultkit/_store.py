@@ -41,7 +41,7 @@ class Snapshot:
         size: bytes.
         checksum: ``"xxh3_128:<hex>"``, verified before this object was returned.
         created: when its record was committed (seconds since the epoch).
-        data: the bytes.
+        data: the bytes (a writable ``bytearray``, so loaders can use it without a copy).
     """
 
     key: str
@@ -51,7 +51,7 @@ class Snapshot:
     size: int
     checksum: str
     created: float
-    data: bytes = field(repr=False)
+    data: bytes | bytearray = field(repr=False)
 
 
 def _chunks(data: Any) -> Iterator[memoryview | bytes]:
@@ -305,6 +305,42 @@ class Stage:
             _failpoints.hit("done.committed")
         return bool(seq)
 
+    def finish(self, result: Any = None) -> bool:
+        """Record that the stage completed, with a small JSON ``result``; fenced and durable.
+
+        A later attempt (a retry after the worker died between finishing and reporting) sees
+        :attr:`finished` and can return :attr:`final_result` without running anything.
+
+        Returns:
+            True if this call recorded it; False if the stage was already finished.
+        """
+        self._require_claim()
+        body = {"t": "fin", "e": self._epoch, "r": result, "ts": time.time()}
+        with self._lock:
+            while True:
+                if self._view.epoch > self._epoch:
+                    raise self._stale("finish()")
+                if self._view.finished is not None:
+                    return False
+                seq = self._view.cursor + 1
+                try:
+                    self._storage.create(f"{self._dir}/{seq_name(seq)}", encode(body))
+                except FileExistsError:
+                    self._catch_up()
+                    continue
+                self._view.apply(seq, body)
+                return True
+
+    @property
+    def finished(self) -> bool:
+        """True once some attempt recorded :meth:`finish`."""
+        return self._view.finished is not None
+
+    @property
+    def final_result(self) -> Any:
+        """The result given to :meth:`finish` (None if not finished)."""
+        return self._view.finished.result if self._view.finished else None
+
     def results(self) -> dict[str | int, Any]:
         """``{unit: result}`` for every unit done so far."""
         return {r.unit: r.result for r in self._view.units.values()}
@@ -356,30 +392,40 @@ class Stage:
             self._storage.delete(path)
             raise
         _failpoints.hit("save.committed")
+        self.store._verified.add((self.key, blob))
         _metrics.observe_save(time.perf_counter() - t0, size)
         return Snapshot(self.key, int(step), self._epoch, meta, size, checksum, now, b"")
 
-    def _read_verified(self, rec: SnapRecord) -> bytes:
+    def _read_verified(self, rec: SnapRecord) -> bytearray:
+        """Read a snapshot into a writable buffer, hashing each chunk as it arrives."""
         path = f"{self.key}/@blobs/{rec.blob}"
-        try:
-            with self._storage.open_read(path) as f:
-                data = f.read()
-        except FileNotFoundError as exc:
-            raise CorruptCheckpointError(f"snapshot step {rec.step}: its data is missing") from exc
-        if len(data) != rec.size:
-            raise CorruptCheckpointError(
-                f"snapshot step {rec.step}: {len(data)} bytes, expected {rec.size} (truncated?)"
-            )
         algo, _, want = rec.checksum.partition(":")
         if algo != "xxh3_128":
             raise CorruptCheckpointError(f"snapshot step {rec.step}: unknown checksum {algo!r}")
+        buf = bytearray(rec.size)
+        view = memoryview(buf)
         h = xxhash.xxh3_128()
-        view = memoryview(data)
-        for i in range(0, len(view), CHUNK):
-            h.update(view[i : i + CHUNK])
+        n = 0
+        try:
+            with self._storage.open_read(path) as f:
+                while n < rec.size:
+                    got = f.readinto(view[n : n + CHUNK])
+                    if not got:
+                        break
+                    h.update(view[n : n + got])
+                    n += got
+                extra = f.read(1)
+        except FileNotFoundError as exc:
+            raise CorruptCheckpointError(f"snapshot step {rec.step}: its data is missing") from exc
+        if n != rec.size or extra:
+            raise CorruptCheckpointError(
+                f"snapshot step {rec.step}: size differs from the {rec.size} bytes written "
+                "(truncated or overwritten)"
+            )
         if h.hexdigest() != want:
             raise CorruptCheckpointError(f"snapshot step {rec.step}: checksum mismatch")
-        return data
+        self.store._verified.add((self.key, rec.blob))
+        return buf
 
     def _report_corrupt(
         self, rec: SnapRecord, exc: CorruptCheckpointError, fallback: int | None
@@ -453,6 +499,8 @@ class CheckpointStore:
     def __init__(self, url: str, **storage_options: Any) -> None:
         self._storage: Storage = open_storage(url, **storage_options)
         self.url = self._storage.url
+        # Snapshots this object wrote or verified: gc need not read them again.
+        self._verified: set[tuple[str, str]] = set()
 
     def __repr__(self) -> str:
         return f"CheckpointStore({redact_url(self.url)!r})"
@@ -504,6 +552,11 @@ class CheckpointStore:
         st._catch_up()
         return st._view
 
+    def finished(self, key: str) -> tuple[bool, Any]:
+        """``(True, result)`` if stage ``key`` finished, else ``(False, None)``; claims nothing."""
+        v = self.read_view(key)
+        return (True, v.finished.result) if v.finished else (False, None)
+
     def verify(self, key: str) -> list[tuple[SnapRecord, str | None]]:
         """Check every snapshot of ``key``: ``[(record, error or None)]``, oldest first."""
         st = Stage(self, key)
@@ -531,8 +584,11 @@ class CheckpointStore:
         """Remove old snapshots of ``key`` and files left by killed writers.
 
         Keeps the ``keep`` newest snapshots that verify (at least one: the newest valid one
-        is never removed). Data files that no record names and temp files are removed once
-        older than ``grace`` seconds, so a writer still at work is not disturbed.
+        is never removed). Snapshots this store object wrote or verified are trusted without
+        reading them again (a training loop calling gc after each save must not re-read
+        gigabytes); a fresh store object, such as ``faultkit gc``, verifies everything. Data
+        files that no record names and temp files are removed once older than ``grace``
+        seconds, so a writer still at work is not disturbed.
 
         Returns:
             ``{"kept": [steps], "removed": [steps], "orphans": n, "temp_files": n}``.
@@ -546,6 +602,9 @@ class CheckpointStore:
         for rec in reversed(recs):
             if len(kept) >= keep:
                 drop.append(rec)
+                continue
+            if (key, rec.blob) in self._verified:
+                kept.append(rec)
                 continue
             try:
                 st._read_verified(rec)

@@ -163,7 +163,7 @@ def test_corrupt_log_record_is_ignored(store):
     assert 3 in view.corrupt and set(view.units) == {"s:a"}
 
 
-def test_keys_delete_gc(store):
+def test_keys_delete_gc(store, backend):
     """keys() lists stages, gc keeps the newest valid snapshots, delete removes a stage."""
     for k in ("etl/a", "etl/b", "train/x"):
         with store.stage(k) as st:
@@ -174,6 +174,7 @@ def test_keys_delete_gc(store):
     _overwrite(store, _blob_path(store, "etl/a", 4), b"rot")
     assert store.keys() == ["etl/a", "etl/b", "train/x"]
     assert store.keys("etl/") == ["etl/a", "etl/b"]
+    store = CheckpointStore(backend[0], **backend[1])  # as `faultkit gc` would: verifies all
     report = store.gc("etl/a", keep=2)
     assert report["kept"] == [2, 3] and report["removed"] == [0, 1, 4]
     with store.stage("etl/a") as st:
@@ -290,3 +291,17 @@ def test_unwritable_root_is_a_config_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(StoreConfigError, match="writable"):
         CheckpointStore(f"file://{blocker}/store")
+
+
+def test_finish_records_the_final_result_once(store):
+    """finish() records a result once; a later attempt sees it; a zombie cannot finish."""
+    zombie = store.stage("f/a").claim()
+    with store.stage("f/a") as st:
+        assert not st.finished and store.finished("f/a") == (False, None)
+        assert st.finish({"rows": 10}) is True
+        assert st.finish({"rows": 99}) is False
+    with pytest.raises(StaleAttemptError):
+        zombie.finish("late")
+    with store.stage("f/a") as again:
+        assert again.finished and again.final_result == {"rows": 10}
+    assert store.finished("f/a") == (True, {"rows": 10})
