@@ -159,17 +159,35 @@ def _run(
 
 
 def train(
-    stage: Stage, *, steps: int = 60, every_steps: int = 10, seed: int = 0, step_delay: float = 0.0
+    stage: Stage,
+    *,
+    steps: int = 60,
+    every_steps: int = 10,
+    seed: int = 0,
+    step_delay: float = 0.0,
+    on_step: Callable[[int], None] | None = None,
 ) -> str:
     """Run the demo training stage on a claimed ``stage``, resuming from its newest snapshot.
+
+    ``on_step(step)`` is called after each training step (the demo counts redone steps).
 
     Returns:
         The sha256 hex of the final model state dict (see :func:`weights_digest`); equal to
         :func:`reference_train` however often the stage was killed and resumed.
     """
-    return _run(stage, steps=steps, every_steps=every_steps, seed=seed, step_delay=step_delay)[
-        "model"
-    ]
+
+    def on_event(event: str, step: int) -> None:
+        if event == "step" and on_step is not None:
+            on_step(step)
+
+    return _run(
+        stage,
+        steps=steps,
+        every_steps=every_steps,
+        seed=seed,
+        step_delay=step_delay,
+        on_event=on_event,
+    )["model"]
 
 
 def reference_train(steps: int = 60, seed: int = 0) -> str:
