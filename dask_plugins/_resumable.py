@@ -1,0 +1,264 @@
+"""resumable(fn): a Dask task that resumes from its stage and never redoes finished work."""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import threading
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from distributed.worker import get_worker, thread_state
+
+from faultkit import CheckpointStore, Stage, key
+from faultkit._errors import StoreConfigError, UnsafeCheckpointError
+from faultkit._storage import redact_url
+
+from ._worker import PLUGIN_NAME, _enter_task, _exit_task
+
+__all__ = ["RESULT_UNIT", "Resumable", "resumable", "stage_key"]
+
+log = logging.getLogger("faultkit.dask")
+
+#: The unit under which a finished task records its result in its stage.
+RESULT_UNIT = "@result"
+#: Results whose JSON is longer go to a snapshot instead of the log record.
+INLINE_LIMIT = 64 << 10
+
+_stores: dict[str, CheckpointStore] = {}
+_stores_lock = threading.Lock()
+_warned: set[str] = set()
+
+
+def stage_key(task_key: Any) -> str:
+    """The stage key of a Dask task key: ``dask/<key>`` (tuple keys give one segment each)."""
+    if isinstance(task_key, tuple):
+        return key("dask", *_flatten(task_key))
+    return key("dask", task_key)
+
+
+def _flatten(t: tuple[Any, ...]) -> list[Any]:
+    out: list[Any] = []
+    for part in t:
+        if isinstance(part, tuple):
+            out.extend(_flatten(part))
+        else:
+            out.append(part)
+    return out
+
+
+def _store_for_url(url: str) -> CheckpointStore:
+    st = _stores.get(url)
+    if st is None:
+        with _stores_lock:
+            st = _stores.get(url)
+            if st is None:
+                st = _stores[url] = CheckpointStore(url)
+    return st
+
+
+def _json_exact(value: Any) -> str | None:
+    """``value`` as JSON if JSON gives it back unchanged (no tuple->list, int->str keys)."""
+    try:
+        text = json.dumps(value, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError):
+        return None
+    return text if json.loads(text) == value else None
+
+
+class Resumable:
+    """A picklable task function that runs ``fn(*args, stage=..., **kwargs)`` on a Dask worker.
+
+    Built by :func:`resumable`; see there.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        store: str | CheckpointStore | None = None,
+        retry: Any = None,
+        pickle_result: bool = False,
+    ) -> None:
+        if not callable(fn):
+            raise TypeError(f"resumable() needs a function, got {type(fn).__name__}: {fn!r}")
+        if isinstance(store, CheckpointStore):
+            self._store: CheckpointStore | None = store
+            self.store_url: str | None = store.url
+        elif store is None or isinstance(store, str):
+            self._store = None
+            self.store_url = store
+            if store is not None:
+                CheckpointStore(store)  # a bad URL fails here, not on a worker
+        else:
+            raise StoreConfigError(
+                f"store must be a URL or a CheckpointStore, got {type(store).__name__}"
+            )
+        self.fn = fn
+        self.retry = retry
+        self.pickle_result = bool(pickle_result)
+        self.__name__ = getattr(fn, "__name__", type(fn).__name__)
+        self.__doc__ = getattr(fn, "__doc__", None)
+        self._token: str | None = None
+
+    # -- Dask integration --------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_store"] = None  # stores hold credentials and are opened where the task runs
+        return state
+
+    def __dask_tokenize__(self) -> tuple[Any, ...]:
+        # Keys must be stable across client sessions, so that a resubmitted task finds its
+        # stage; the function's token is cached because tokenizing it dominates submit().
+        if self._token is None:
+            from dask.base import tokenize
+
+            self._token = tokenize(self.fn)
+        return ("faultkit.resumable", self._token, self.store_url, self.pickle_result)
+
+    def dask_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``client.submit``/``map`` or ``dask.annotate`` (``retries``)."""
+        return dict(self.retry.dask()) if self.retry is not None else {}
+
+    def submit(self, client: Any, *args: Any, **kwargs: Any) -> Any:
+        """``client.submit(self, *args, **kwargs)`` with the retry policy's ``retries``."""
+        return client.submit(self, *args, **{**self.dask_options(), **kwargs})
+
+    def map(self, client: Any, *iterables: Iterable[Any], **kwargs: Any) -> Any:
+        """``client.map(self, *iterables, **kwargs)`` with the retry policy's ``retries``."""
+        return client.map(self, *iterables, **{**self.dask_options(), **kwargs})
+
+    def __repr__(self) -> str:
+        where = redact_url(self.store_url) if self.store_url else "the CheckpointPlugin's store"
+        return f"resumable({self.__name__}, store={where!r})"
+
+    # -- running ----------------------------------------------------------------------
+
+    def _resolve_store(self) -> CheckpointStore:
+        if self._store is not None:
+            return self._store
+        try:
+            worker = get_worker()
+        except ValueError:
+            worker = None
+        plugin = worker.plugins.get(PLUGIN_NAME) if worker is not None else None
+        if plugin is not None and plugin.store is not None:
+            if self.store_url is None or self.store_url in (plugin.store_url, plugin.store.url):
+                return plugin.store
+        if self.store_url is not None:
+            return _store_for_url(self.store_url)
+        raise StoreConfigError(
+            f"task {self.__name__!r} has no checkpoint store: register "
+            "dask_plugins.CheckpointPlugin(url) with the client (or start the scheduler with "
+            "--preload dask_plugins.preload --faultkit-store URL), or pass "
+            "resumable(fn, store=url)"
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        task_key = getattr(thread_state, "key", None)
+        if task_key is None:
+            raise RuntimeError(
+                f"resumable task {self.__name__!r} is keyed by its Dask task key, and none is "
+                "set: run it on a distributed Client (client.submit, client.map, "
+                "dask.delayed(...).compute()), not directly or on the local scheduler"
+            )
+        store = self._resolve_store()
+        with store.stage(stage_key(task_key)) as stage:
+            if stage.resumed:
+                found, value = self._recorded(stage)
+                if found:
+                    log.info(
+                        "task %r finished before its worker was lost; returning its recorded "
+                        "result instead of running it again",
+                        task_key,
+                    )
+                    return value
+            _enter_task(task_key)
+            try:
+                out = self.fn(*args, stage=stage, **kwargs)
+            finally:
+                _exit_task()
+            self._record(stage, out)
+        return out
+
+    # -- the recorded result ----------------------------------------------------------
+
+    def _record(self, stage: Stage, out: Any) -> None:
+        text = _json_exact(out)
+        if text is not None and len(text) <= INLINE_LIMIT:
+            stage.done(RESULT_UNIT, {"v": out})
+            return
+        if text is not None:
+            data, fmt = text.encode(), "json"
+        elif self.pickle_result:
+            data, fmt = pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL), "pickle"
+        else:
+            if self.__name__ not in _warned:
+                _warned.add(self.__name__)
+                log.warning(
+                    "task %r returned a %s, which JSON cannot hold exactly; its result is not "
+                    "recorded, so if its worker is lost before the result is fetched it runs "
+                    "again (its finished units are still skipped). Return JSON data, or pass "
+                    "resumable(fn, pickle_result=True) if you trust the store",
+                    self.__name__,
+                    type(out).__name__,
+                )
+            return
+        snap = stage.save(data, step=0, meta={"faultkit": "result", "format": fmt})
+        stage.done(RESULT_UNIT, {"snapshot": snap.checksum, "format": fmt})
+
+    def _recorded(self, stage: Stage) -> tuple[bool, Any]:
+        if not stage.is_done(RESULT_UNIT):
+            return False, None
+        rec = stage.results().get(RESULT_UNIT) or {}
+        if "v" in rec:
+            return True, rec["v"]
+        fmt = rec.get("format")
+        if fmt == "pickle" and not self.pickle_result:
+            raise UnsafeCheckpointError(
+                f"stage {stage.key!r} recorded a pickled result, and loading it would run "
+                "code from the store; pass resumable(fn, pickle_result=True) if you trust it"
+            )
+        snap = stage.latest()
+        if snap is None or snap.checksum != rec.get("snapshot"):
+            log.warning("stage %s: its recorded result is not readable; running again", stage.key)
+            return False, None
+        if fmt == "pickle":
+            return True, pickle.loads(snap.data)
+        return True, json.loads(snap.data)
+
+
+def resumable(
+    fn: Callable[..., Any],
+    *,
+    store: str | CheckpointStore | None = None,
+    retry: Any = None,
+    pickle_result: bool = False,
+) -> Resumable:
+    """Wrap ``fn`` so that, run as a Dask task, it resumes after its worker is lost.
+
+    ``client.submit(resumable(fn), *args, key=...)`` runs ``fn(*args, stage=stage)`` where
+    ``stage`` is the :class:`faultkit.Stage` of the task's key (``dask/<task key>``). When the
+    worker dies the scheduler reruns the task elsewhere; the rerun claims the stage (fencing
+    the lost attempt) and skips the units already done. A task that had finished before its
+    worker died (its result lost with the worker's memory) returns its recorded result without
+    running ``fn`` again. Works with ``client.map``, ``dask.delayed`` and annotations.
+
+    Args:
+        fn: the task; it takes ``stage=`` as a keyword argument.
+        store: a store URL or :class:`faultkit.CheckpointStore`; default: the store of the
+            worker's :class:`~dask_plugins.CheckpointPlugin`. A ``CheckpointStore`` travels
+            as its URL; its credentials are not pickled (the plugin's store is used when the
+            URLs match).
+        retry: a :class:`faultkit.RetryPolicy`; ``policy.dask()`` gives Dask's ``retries``
+            (:meth:`Resumable.submit`, :meth:`Resumable.map`, :meth:`Resumable.dask_options`).
+        pickle_result: record results that JSON cannot hold with pickle (loading runs code
+            from the store, so only for trusted stores).
+
+    Returns:
+        A picklable callable; keys derived from it are stable across client sessions, so a
+        resubmitted task finds its stage (delete the stage to run it afresh).
+    """
+    return Resumable(fn, store=store, retry=retry, pickle_result=pickle_result)

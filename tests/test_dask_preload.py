@@ -1,0 +1,102 @@
+"""`dask scheduler --preload dask_plugins.preload`: real scheduler and worker subprocesses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import dask
+import pytest
+from distributed import Client, LocalCluster
+
+from dask_plugins import CheckpointPlugin, WorkerLossPlugin, resumable, stage_key
+from faultkit import CheckpointStore
+from faultkit.demo._dask import kill_worker_running
+from faultkit.testing import free_port, wait_until
+
+pytestmark = pytest.mark.timeout(300)
+
+DASK = os.path.join(os.path.dirname(sys.executable), "dask")
+
+
+def _steps(n: int, *, stage) -> dict:
+    for u in stage.pending(range(n)):
+        time.sleep(0.1)
+        stage.done(u)
+    return {"epoch": stage.epoch}
+
+
+def _start(args: list[str], log) -> subprocess.Popen:
+    # Workers unpickle this module's task functions by reference: let them import it.
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+    return subprocess.Popen([DASK, *args], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, "PYTHONPATH": path})
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    for p in procs:
+        p.wait(timeout=30)
+
+
+def test_preloaded_scheduler_alerts_on_killed_worker(tmp_path, alert_receiver):
+    """A preloaded scheduler gives workers the store and alerts once per killed worker."""
+    port = free_port()
+    url = f"file://{tmp_path}/store"
+    addr = f"tcp://127.0.0.1:{port}"
+    log = open(tmp_path / "cluster.log", "wb")
+    procs = [_start(["scheduler", "--host", "127.0.0.1", "--port", str(port),
+                     "--no-dashboard", "--preload", "dask_plugins.preload",
+                     "--faultkit-store", url, "--faultkit-alert", alert_receiver.url()], log)]
+    try:
+        for _ in range(2):
+            procs.append(_start(["worker", addr, "--nthreads", "1", "--no-dashboard"], log))
+        with Client(addr, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+            assert client.run_on_scheduler(
+                lambda dask_scheduler: sorted(dask_scheduler.plugins)
+            ).count(WorkerLossPlugin.name) == 1
+            fut = client.submit(resumable(_steps), 40, key="preloaded")  # the plugin's store
+            store = CheckpointStore(url)
+            wait_until(lambda: len(store.read_view(stage_key("preloaded")).units) >= 3, 120,
+                       "progress on a worker")
+            worker, _, _ = kill_worker_running(client, "preloaded")
+            assert fut.result(timeout=120) == {"epoch": 2}
+            [alert] = alert_receiver.wait_for(1, timeout=30)
+            assert worker in alert["title"] and "preloaded" in alert["message"]
+
+            # A retired worker is not an alert.
+            client.wait_for_workers(2, timeout=120)
+            victim = sorted(client.scheduler_info()["workers"])[0]
+            client.retire_workers([victim])
+            wait_until(lambda: victim not in client.scheduler_info()["workers"], 60, "retired")
+            report = client.run_on_scheduler(
+                lambda dask_scheduler: dask_scheduler.plugins[WorkerLossPlugin.name].report()
+            )
+            assert report["counts"].get("workers_retired", 0) >= 1
+            assert len(alert_receiver.messages()) == 1
+    finally:
+        _stop(procs)
+        log.close()
+
+
+def test_preload_from_dask_config(tmp_path):
+    """The distributed.scheduler.preload config installs both plugins cluster-wide."""
+    url = f"file://{tmp_path}/store"
+    cfg = {
+        "distributed.scheduler.preload": ["dask_plugins.preload"],
+        "distributed.scheduler.preload-argv": ["--faultkit-store", url],
+    }
+    with dask.config.set(cfg), LocalCluster(
+        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster, Client(cluster) as client:
+        assert WorkerLossPlugin.name in cluster.scheduler.plugins
+        assert CheckpointPlugin.name in cluster.scheduler.worker_plugins
+        assert client.submit(resumable(_steps), 3, key="configured").result(60) == {"epoch": 1}
+    assert CheckpointStore(url).keys() == [stage_key("configured")]
