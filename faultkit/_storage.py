@@ -307,13 +307,30 @@ class MemoryStorage(Storage):
     """Objects in this process's memory; ``memory://NAME`` stores of one process share data."""
 
     _spaces: dict[str, dict[str, tuple[bytes, float]]] = {}
+    # Per space: folder -> {child name: objects under it}, so list() costs the folder's
+    # size, not the store's (a claim lists its log folder).
+    _trees: dict[str, dict[str, dict[str, int]]] = {}
     _spaces_lock = threading.Lock()
 
     def __init__(self, name: str) -> None:
         self.url = f"memory://{name}"
         with self._spaces_lock:
             self._objs = self._spaces.setdefault(name, {})
+            self._tree = self._trees.setdefault(name, {})
         self._lock = threading.Lock()
+
+    def _index(self, path: str, delta: int) -> None:
+        parts = path.split("/")
+        for i, child in enumerate(parts):
+            folder = "/".join(parts[:i])
+            children = self._tree.setdefault(folder, {})
+            n = children.get(child, 0) + delta
+            if n > 0:
+                children[child] = n
+            else:
+                children.pop(child, None)
+                if not children:
+                    del self._tree[folder]
 
     def create(self, path: str, data: bytes) -> None:
         _check_rel(path)
@@ -321,6 +338,7 @@ class MemoryStorage(Storage):
             if path in self._objs:
                 raise FileExistsError(errno.EEXIST, "exists", path)
             self._objs[path] = (bytes(data), time.time())
+            self._index(path, 1)
 
     @contextlib.contextmanager
     def open_new(self, path: str) -> Iterator[IO[bytes]]:
@@ -340,10 +358,8 @@ class MemoryStorage(Storage):
         return io.BytesIO(self.read(path))
 
     def list(self, path: str) -> list[str]:
-        prefix = f"{path}/" if path else ""
         with self._spaces_lock:
-            names = {p[len(prefix) :].split("/", 1)[0] for p in self._objs if p.startswith(prefix)}
-        return sorted(names)
+            return sorted(self._tree.get(path, ()))
 
     def info(self, path: str) -> ObjectInfo:
         try:
@@ -354,7 +370,8 @@ class MemoryStorage(Storage):
 
     def delete(self, path: str) -> None:
         with self._spaces_lock:
-            self._objs.pop(_check_rel(path), None)
+            if self._objs.pop(_check_rel(path), None) is not None:
+                self._index(path, -1)
 
 
 class FsspecStorage(Storage):
