@@ -107,7 +107,14 @@ class Resumable:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_store"] = None  # stores hold credentials and are opened where the task runs
+        # Every task carries a copy: keep it small (the docstring and token are client-side).
+        state.pop("__doc__", None)
+        state.pop("_token", None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_token", None)
 
     def __dask_tokenize__(self) -> tuple[Any, ...]:
         # Keys must be stable across client sessions, so that a resubmitted task finds its
