@@ -6,7 +6,6 @@ the scheduler reschedules the task and it resumes from its stage.
 
 from __future__ import annotations
 
-import inspect
 import os
 import random
 import signal
@@ -66,7 +65,7 @@ def train_task(
 
     _journal(journal, f"attempt train {stage.epoch}")
     extra: dict[str, Any] = {}
-    if journal and "on_step" in inspect.signature(train).parameters:
+    if journal:
         extra["on_step"] = lambda s: _journal(journal, f"step {s}")
     return train(stage, steps=steps, every_steps=every_steps, seed=seed, step_delay=step_delay,
                  **extra)

@@ -49,6 +49,17 @@ def _update(h: Any, obj: Any) -> None:
         h.update(repr(obj).encode())
 
 
+class _PyRNG(random.Random):
+    """A private ``random.Random`` that checkpoints through state_dict/load_state_dict."""
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss = self.getstate()
+        return {"version": version, "internal": list(internal), "gauss": gauss}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.setstate((state["version"], tuple(state["internal"]), state["gauss"]))
+
+
 def weights_digest(state_dict: Any) -> str:
     """sha256 hex of a state dict: keys in sorted order, each tensor's dtype, shape and bytes.
 
@@ -83,7 +94,6 @@ def _run(
     on_event: Callable[[str, int], None] | None = None,
 ) -> dict[str, Any]:
     """Train to ``steps`` through a TrainingCheckpointer; returns start step and digests."""
-    import numpy as np
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -91,8 +101,10 @@ def _run(
 
     emit = on_event or (lambda event, step: None)
     with _one_thread():
-        random.seed(seed)
-        np.random.seed(seed)
+        # Python's and NumPy's global RNGs are shared with every thread of the process, and
+        # Dask's own threads draw from `random`: a stage that must resume bitwise owns its
+        # generators and checkpoints them (here through `extra`).
+        rng = _PyRNG(seed)
         torch.manual_seed(seed)
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(ROWS, FEATURES, generator=g)
@@ -120,7 +132,7 @@ def _run(
             model=model,
             optimizer=opt,
             scheduler=sched,
-            extra={"sampler": sampler},
+            extra={"sampler": sampler, "rng": rng},
             every_steps=every_steps,
             keep=keep,
             async_save=async_save,
@@ -137,7 +149,7 @@ def _run(
                     xb, yb = next(batches)
                 # Draw from every RNG, so a resume that missed one would show in the weights.
                 xb = xb + 0.01 * torch.randn_like(xb)
-                weight = 1.0 + 0.1 * random.random() + 0.01 * float(np.random.standard_normal())
+                weight = 1.0 + 0.1 * rng.random() + 0.01 * rng.gauss(0.0, 1.0)
                 loss = torch.nn.functional.cross_entropy(model(xb), yb) * weight
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
