@@ -231,7 +231,8 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``faultkit`` console script."""
     a = _parser().parse_args(argv)
-    out = Console()
+    # Piped or in CI, rich would assume 80 columns and squeeze the tables.
+    out = Console(width=None if sys.stdout.isatty() else 120)
     if a.command == "demo":
         from .demo._cli import run
 

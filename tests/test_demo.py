@@ -52,7 +52,13 @@ def _check(report: dict, engine: str, kills: int) -> None:
     assert report["alerts_received"] == sum(s["kills"] for s in stages.values())
 
 
-@pytest.mark.parametrize("engine", [pytest.param("local", id="local")])
+@pytest.mark.parametrize(
+    "engine",
+    [
+        pytest.param("local", id="local"),
+        pytest.param("airflow", id="airflow", marks=pytest.mark.slow),
+    ],
+)
 def test_demo_engine(tmp_path, engine):
     """The demo kills workers for real and verifies rows, duplicates, weights and alerts."""
     _check(_demo(tmp_path, engine), engine, 2)

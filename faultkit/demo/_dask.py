@@ -6,6 +6,7 @@ the scheduler reschedules the task and it resumes from its stage.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -215,8 +216,14 @@ def run_demo(cfg: DemoConfig, alert: Callable[[Event], object],
 
     # LocalCluster drops a nanny whose worker is missing lost-worker-timeout after an
     # earlier loss of it: repeated kills would shrink the cluster.
-    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"}), LocalCluster(
-        n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=None
+    # The demo prints its own account of each kill; Dask's warnings about the same events
+    # would only repeat it.
+    quiet = {"distributed.deploy.lost-worker-timeout": "1h", "logging.distributed": "error"}
+    for name in ("distributed", "distributed.scheduler", "distributed.nanny"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with dask.config.set(quiet), LocalCluster(
+        n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=None,
+        silence_logs=logging.ERROR,
     ) as cluster, Client(cluster) as client:
         client.register_plugin(WorkerLossPlugin(cfg.alert_urls, cfg.store_url))
         client.register_plugin(CheckpointPlugin(cfg.store_url))
