@@ -56,6 +56,7 @@ def _check(report: dict, engine: str, kills: int) -> None:
     "engine",
     [
         pytest.param("local", id="local"),
+        pytest.param("dask", id="dask"),
         pytest.param("airflow", id="airflow", marks=pytest.mark.slow),
     ],
 )
