@@ -14,8 +14,11 @@ Configuration:
   ``FAULTKIT_SINK_URL``, else SQLite in the temp folder;
 * the table: param ``table``, else ``orders_<hash of the run id>`` (so each run loads its
   own table and re-running the DAG is not a duplicate load);
-* params ``partitions``, ``rows`` (per partition), ``unit_delay`` (seconds per chunk);
-* env ``FAULTKIT_DEMO_RETRY_WAIT``: seconds before a retry (default 5).
+* params ``partitions``, ``rows`` (per partition), ``chunk`` (rows per unit), ``seed`` (of
+  the generated orders), ``unit_delay`` (seconds per chunk), ``journal`` (a file to which each
+  unit start appends ``etl <partition> <unit> <pid>``, so redone work can be counted);
+* env ``FAULTKIT_DEMO_RETRY_WAIT``: seconds before a retry (default 5);
+  ``FAULTKIT_DEMO_ATTEMPTS``: tries per task (default 3).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from faultkit import RetryPolicy
 # Parse-time work stays tiny: no DB, no store, no faultkit.demo import here.
 RETRY = RetryPolicy(
     on=(ConnectionError, TimeoutError),
-    attempts=3,
+    attempts=int(os.environ.get("FAULTKIT_DEMO_ATTEMPTS", "3")),
     wait_initial=float(os.environ.get("FAULTKIT_DEMO_RETRY_WAIT", "5")),
     wait_max=60.0,
     wait_jitter=0.0,
@@ -53,6 +56,13 @@ def sink_url(params: dict) -> str:
     return url
 
 
+def note(path: str | None, line: str) -> None:
+    """Append ``line`` to the journal file ``path`` (if one is set)."""
+    if path:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+
+
 def table_name(params: dict, run_id: str) -> str:
     """The param, else one table per DAG run."""
     import hashlib
@@ -68,9 +78,12 @@ with DAG(
     params={
         "partitions": Param(4, type="integer", minimum=1),
         "rows": Param(200, type="integer", minimum=1),
+        "chunk": Param(50, type="integer", minimum=1),
+        "seed": Param(0, type="integer"),
         "unit_delay": Param(0.0, type="number", minimum=0),
         "sink_url": Param(None, type=["null", "string"]),
         "table": Param(None, type=["null", "string"]),
+        "journal": Param(None, type=["null", "string"]),
     },
     default_args={"on_retry_callback": NOTIFY, "on_failure_callback": NOTIFY},
     on_failure_callback=NOTIFY,
@@ -93,9 +106,12 @@ with DAG(
         from faultkit.demo import etl_partition
 
         get_current_context()["partition"] = partition
+        pid = os.getpid()
         return etl_partition(
             stage, partition, sink_url(params), rows=int(params["rows"]),
+            chunk=int(params["chunk"]), seed=int(params["seed"]),
             unit_delay=float(params["unit_delay"]), table=table_name(params, run_id),
+            on_unit=lambda u: note(params["journal"], f"etl {partition} {u} {pid}"),
         )
 
     @task

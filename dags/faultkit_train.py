@@ -6,8 +6,10 @@ newest valid snapshot and continues, so the final weights equal an uninterrupted
 ``verify`` recomputes that run in-process and compares the SHA-256 of the weights.
 
 Configuration: connection ``faultkit_default`` (store and alert URLs, see faultkit_etl),
-params ``steps``, ``every_steps``, ``seed``, ``step_delay`` (seconds per step) and
-``verify``; env ``FAULTKIT_DEMO_RETRY_WAIT`` (seconds before a retry, default 5).
+params ``steps``, ``every_steps``, ``seed``, ``step_delay`` (seconds per step), ``verify`` and
+``journal`` (a file to which each step start appends ``step <n> <pid>``); env
+``FAULTKIT_DEMO_RETRY_WAIT`` (seconds before a retry, default 5) and ``FAULTKIT_DEMO_ATTEMPTS``
+(tries per task, default 3).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from faultkit import RetryPolicy
 
 RETRY = RetryPolicy(
     on=(ConnectionError, TimeoutError),
-    attempts=3,
+    attempts=int(os.environ.get("FAULTKIT_DEMO_ATTEMPTS", "3")),
     wait_initial=float(os.environ.get("FAULTKIT_DEMO_RETRY_WAIT", "5")),
     wait_max=60.0,
     wait_jitter=0.0,
@@ -40,6 +42,7 @@ with DAG(
         "seed": Param(0, type="integer"),
         "step_delay": Param(0.0, type="number", minimum=0),
         "verify": Param(True, type="boolean"),
+        "journal": Param(None, type=["null", "string"]),
     },
     default_args={"on_retry_callback": NOTIFY, "on_failure_callback": NOTIFY},
     on_failure_callback=NOTIFY,
@@ -52,9 +55,16 @@ with DAG(
         """Train, checkpointing every ``every_steps``; returns the weights' SHA-256."""
         from faultkit.demo import train as run_training  # torch is imported here, not at parse
 
+        journal, pid = params["journal"], os.getpid()
+
+        def on_step(step: int) -> None:
+            if journal:
+                with open(journal, "a") as f:
+                    f.write(f"step {step} {pid}\n")
+
         return run_training(
             stage, steps=int(params["steps"]), every_steps=int(params["every_steps"]),
-            seed=int(params["seed"]), step_delay=float(params["step_delay"]),
+            seed=int(params["seed"]), step_delay=float(params["step_delay"]), on_step=on_step,
         )
 
     @task

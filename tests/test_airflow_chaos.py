@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import signal
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -22,6 +20,7 @@ import pytest
 
 from airflow_provider._common import stage_key
 from faultkit import CheckpointStore
+from faultkit.demo._airflow import kill_task_process
 from faultkit.testing import AlertReceiver, wait_until
 
 psutil = pytest.importorskip("psutil")
@@ -140,9 +139,7 @@ def _kill_when(dep, run_id, task_id, map_index, ready, what, *, supervisor=False
     view = dep.store.read_view(k)
     target = proc.parent() if supervisor else proc
     assert target is not None and target.pid > 1
-    os.kill(target.pid, signal.SIGKILL)
-    psutil.wait_procs([target], timeout=30)
-    assert not target.is_running(), "the SIGKILL did not land"
+    assert kill_task_process(target.pid), "the SIGKILL did not land"
     return k, view, proc
 
 
