@@ -25,9 +25,14 @@ HEARTBEAT_SECONDS = 30
 
 
 def main() -> None:
-    """Create the crash-retry automations and serve both flows until interrupted."""
+    """Create the crash-retry automations and serve both flows until interrupted.
+
+    ``FAULTKIT_HEARTBEAT_GRACE`` sets the zombie automation's grace (seconds);
+    ``FAULTKIT_ZOMBIES=0`` leaves that automation out (crashes the runner sees still re-run).
+    """
     grace = float(os.environ.get("FAULTKIT_HEARTBEAT_GRACE", "90"))
-    setup_crash_retry("faultkit-demo", heartbeat_grace=grace)
+    zombies = os.environ.get("FAULTKIT_ZOMBIES", "1") != "0"
+    setup_crash_retry("faultkit-demo", heartbeat_grace=grace, zombies=zombies)
     serve(
         etl_flow.to_deployment(name="etl"),
         train_flow.to_deployment(name="train"),

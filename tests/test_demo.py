@@ -58,6 +58,7 @@ def _check(report: dict, engine: str, kills: int) -> None:
         pytest.param("local", id="local"),
         pytest.param("dask", id="dask"),
         pytest.param("airflow", id="airflow", marks=pytest.mark.slow),
+        pytest.param("prefect", id="prefect", marks=pytest.mark.slow),
     ],
 )
 def test_demo_engine(tmp_path, engine):

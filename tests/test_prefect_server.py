@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import signal
-
 import pytest
 
 pytest.importorskip("prefect")
 
 from faultkit import CheckpointStore, RetryPolicy, demo
-from faultkit.demo._prefect import PrefectStack
+from faultkit.demo._prefect import PrefectStack, units_done
 from faultkit.testing import AlertReceiver, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
@@ -41,19 +39,6 @@ def stack(tmp_path_factory, receiver):
         yield s
 
 
-def _units(store: CheckpointStore, prefix: str) -> dict[str, int]:
-    """Units done per stage key under ``prefix`` (the recorded task result excluded)."""
-    out = {}
-    for k in store.keys(prefix):
-        view = store.read_view(k)
-        out[k] = sum(1 for u in view.units if u != "s:@task-result")
-    return out
-
-
-def _state_types(stack: PrefectStack, run_id: str) -> list[str]:
-    return [s.type.value for s in stack.states(run_id)]
-
-
 def test_killed_etl_run_is_rerun_and_loads_rows_once(stack, receiver, tmp_path):
     """SIGKILL of the flow-run process: the runner marks it Crashed, it re-runs and resumes."""
     before = len(receiver.messages())
@@ -62,19 +47,18 @@ def test_killed_etl_run_is_rerun_and_loads_rows_once(stack, receiver, tmp_path):
     run_id = stack.run("faultkit-etl/etl", {"sink_url": sink, **ETL})
 
     def some_progress() -> bool:
-        done = _units(store, "prefect/faultkit-etl")
+        done = units_done(store, "prefect/faultkit-etl")
         return len(done) == ETL["partitions"] and 1 <= max(done.values()) < 8
 
     wait_until(some_progress, 120, "ETL units to be committed")
     proc = stack.flow_run_process()
     assert proc is not None, "no flow-run process under the serving process"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    assert stack.kill_flow_run(proc) == proc.pid
     assert not proc.is_running()
-    done_at_kill = _units(store, "prefect/faultkit-etl")
+    done_at_kill = units_done(store, "prefect/faultkit-etl")
 
     fr = stack.wait(run_id, "COMPLETED", timeout=180)
-    types = _state_types(stack, run_id)
+    types = stack.state_types(run_id)
     assert "CRASHED" in types, types  # the fault fired and was seen
     crashed = [s for s in stack.states(run_id) if s.type.value == "CRASHED"]
     assert "-9" in crashed[0].message  # the runner saw the SIGKILL
