@@ -19,6 +19,13 @@ How it works, on an open-source Prefect server (3.7 and later 3.x):
    the first included; Prefect's ``run_count`` also counts the flow's own retries. Once spent,
    the run stays ``Crashed`` and :func:`alert_hooks` reports ``gave_up``.
 
+On a **SQLite** Prefect server, the proactive (heartbeat) automation can stall re-runs of a
+run that crashes more than once: its read-then-write transaction fails at once with
+"database is locked" under concurrent writes, Prefect drops the event after four tries and
+then holds back that run's later events for up to 15 minutes. Use PostgreSQL for the server,
+or ``zombies=False`` when runners survive (they report a SIGKILLed flow-run process
+themselves).
+
 Only flow runs of deployments can be rescheduled (Prefect refuses ``Crashed -> Scheduled``
 for a run without one). Alerts come from :func:`alert_hooks`, not from the automations, so
 they are deduplicated through the checkpoint store like every other faultkit alert.
