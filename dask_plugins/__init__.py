@@ -13,12 +13,11 @@ Or cluster-wide: ``dask scheduler --preload dask_plugins.preload --faultkit-stor
 
 from __future__ import annotations
 
-from ._resumable import RESULT_UNIT, Resumable, resumable, stage_key
+from ._resumable import Resumable, resumable, stage_key
 from ._scheduler import WorkerLossPlugin
 from ._worker import CheckpointPlugin, register_flush, running_tasks
 
 __all__ = [
-    "RESULT_UNIT",
     "CheckpointPlugin",
     "Resumable",
     "WorkerLossPlugin",

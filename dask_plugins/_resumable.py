@@ -17,12 +17,11 @@ from faultkit._storage import redact_url
 
 from ._worker import PLUGIN_NAME, _enter_task, _exit_task
 
-__all__ = ["RESULT_UNIT", "Resumable", "resumable", "stage_key"]
+__all__ = ["Resumable", "resumable", "stage_key"]
 
 log = logging.getLogger("faultkit.dask")
 
 #: The unit under which a finished task records its result in its stage.
-RESULT_UNIT = "@result"
 #: Results whose JSON is longer go to a snapshot instead of the log record.
 INLINE_LIMIT = 64 << 10
 
@@ -195,7 +194,7 @@ class Resumable:
     def _record(self, stage: Stage, out: Any) -> None:
         text = _json_exact(out)
         if text is not None and len(text) <= INLINE_LIMIT:
-            stage.done(RESULT_UNIT, {"v": out})
+            stage.finish({"v": out})
             return
         if text is not None:
             data, fmt = text.encode(), "json"
@@ -214,12 +213,12 @@ class Resumable:
                 )
             return
         snap = stage.save(data, step=0, meta={"faultkit": "result", "format": fmt})
-        stage.done(RESULT_UNIT, {"snapshot": snap.checksum, "format": fmt})
+        stage.finish({"snapshot": snap.checksum, "format": fmt})
 
     def _recorded(self, stage: Stage) -> tuple[bool, Any]:
-        if not stage.is_done(RESULT_UNIT):
+        if not stage.finished:
             return False, None
-        rec = stage.results().get(RESULT_UNIT) or {}
+        rec = stage.final_result or {}
         if "v" in rec:
             return True, rec["v"]
         fmt = rec.get("format")

@@ -86,6 +86,7 @@ class View:
     corrupt: list[int] = field(default_factory=list)  # seqs whose record failed to decode
     ignored: list[int] = field(default_factory=list)  # stale commits (never written by us)
     last_commit: float = 0.0
+    finished: UnitRecord | None = None  # the stage's final result, once recorded
 
     def apply(self, seq: int, body: dict[str, Any] | None) -> None:
         """Fold record ``seq`` into the view (``None`` for an undecodable record)."""
@@ -110,6 +111,10 @@ class View:
             uid = body["id"]
             if uid not in self.units:
                 self.units[uid] = UnitRecord(body["u"], body.get("r"), e, seq, ts)
+                self.last_commit = max(self.last_commit, ts)
+        elif t == "fin":
+            if self.finished is None:
+                self.finished = UnitRecord("@finished", body.get("r"), e, seq, ts)
                 self.last_commit = max(self.last_commit, ts)
         elif t == "snap":
             self.snaps.append(

@@ -254,8 +254,9 @@ class Stage:
 
     @property
     def resumed(self) -> bool:
-        """True if an earlier attempt left progress (units done or snapshots)."""
-        return bool(self._view.units or self._view.live_snaps())
+        """True if an earlier attempt left progress (units done, snapshots or a finish)."""
+        v = self._view
+        return bool(v.units or v.finished is not None or v.live_snaps())
 
     @property
     def resume_info(self) -> Mapping[str, Any]:

@@ -17,12 +17,11 @@ from typing import Any
 
 from ._refs import AlertRef, StoreRef, policy_of
 
-__all__ = ["RESULT_UNIT", "resumable_task", "stage_key"]
+__all__ = ["resumable_task", "stage_key"]
 
 log = logging.getLogger("faultkit.prefect")
 
 # The unit that records a finished task and its (JSON) return value.
-RESULT_UNIT = "@task-result"
 
 
 def _canonical(value: Any) -> Any:
@@ -182,13 +181,13 @@ def resumable_task(
         """(stage, finished?, recorded result); reading the log does not claim the stage."""
         stage = store_ref.get().stage(k)
         stage.refresh()
-        if stage.is_done(RESULT_UNIT):
-            return stage, True, stage.results().get(RESULT_UNIT)
+        if stage.finished:
+            return stage, True, stage.final_result
         return stage, False, None
 
     def _record(stage: Any, value: Any) -> None:
         if _json_ok(value):
-            stage.done(RESULT_UNIT, result=value)
+            stage.finish(value)
         else:
             log.warning(
                 "%s returned a %s, which is not JSON: its completion is not recorded, so a "

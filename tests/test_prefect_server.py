@@ -112,7 +112,7 @@ def test_lost_worker_training_run_is_detected_by_heartbeats_and_resumes(stack, r
     (k,) = store.keys("prefect/faultkit-train")
     view = store.read_view(k)
     assert view.epoch == 2
-    assert view.units["s:@task-result"].result == demo.reference_train(
+    assert view.finished.result == demo.reference_train(
         TRAIN["steps"], TRAIN["seed"]
     )
     receiver.wait_for(before + 1, timeout=30)

@@ -397,14 +397,8 @@ class PrefectStack:
 
 
 def units_done(store: CheckpointStore, prefix: str) -> dict[str, int]:
-    """Units done per stage key under ``prefix``, the recorded task result not counted."""
-    from prefect_blocks._task import RESULT_UNIT
-
-    out = {}
-    for k in store.keys(prefix):
-        view = store.read_view(k)
-        out[k] = sum(1 for u in view.units if u != f"s:{RESULT_UNIT}")
-    return out
+    """Units done per stage key under ``prefix``."""
+    return {k: len(store.read_view(k).units) for k in store.keys(prefix)}
 
 
 # -- faultkit demo --engine prefect -----------------------------------------------------
@@ -542,10 +536,8 @@ def _run_stage(
     out.timeline = sorted(_attempts(stack.states(run_id), w0) + out.timeline, key=lambda e: e["t"])
     result = ""
     if name == "train":
-        from prefect_blocks._task import RESULT_UNIT
-
         (key,) = store.keys(store_prefix)
-        result = store.read_view(key).units[f"s:{RESULT_UNIT}"].result
+        result = store.finished(key)[1]
     return out, result
 
 
