@@ -29,7 +29,7 @@ bench: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check faultkit
+	$(VENV)/bin/ruff format --check .
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

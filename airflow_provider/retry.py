@@ -98,8 +98,10 @@ class FaultkitRetryPolicy(AirflowRetryPolicy):
                 pass
         delay = policy.decide(
             exception,
-            failures={"code": int(state.get("code", 0)), "infrastructure": int(
-                state.get("infrastructure", 0))},
+            failures={
+                "code": int(state.get("code", 0)),
+                "infrastructure": int(state.get("infrastructure", 0)),
+            },
             elapsed=max(0.0, time.time() - float(state["first"])),
             attempt=try_number,
             key=_stage_key(context),
@@ -117,8 +119,10 @@ class FaultkitRetryPolicy(AirflowRetryPolicy):
 
     def serialize(self) -> dict[str, Any]:
         """JSON for DAG serialization: the faultkit policy with ``on`` as import paths."""
-        return {"__type": "airflow_provider.retry.FaultkitRetryPolicy",
-                "policy": self.policy.to_dict()}
+        return {
+            "__type": "airflow_provider.retry.FaultkitRetryPolicy",
+            "policy": self.policy.to_dict(),
+        }
 
     @classmethod
     def deserialize(cls, data: dict[str, Any]) -> FaultkitRetryPolicy:

@@ -22,7 +22,7 @@ from typing import Any
 
 TARGET = 1.10
 
-DAGS = '''
+DAGS = """
 from __future__ import annotations
 
 import os
@@ -54,7 +54,7 @@ with DAG("fk_bench_resumable", schedule=None, start_date=datetime(2024, 1, 1),
          catchup=False) as resumable_dag:
     for i in range(N):
         ResumablePythonOperator(task_id=f"t{i}", python_callable=noop_stage, store_url=STORE)
-'''
+"""
 
 
 def _quiet() -> None:

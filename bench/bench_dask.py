@@ -119,9 +119,13 @@ def main() -> dict[str, Any]:
     rounds = int(os.environ.get("BENCH_DASK_ROUNDS", "1"))
     tmp = tempfile.mkdtemp(prefix="bench-dask-")
     try:
-        with dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"}), LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster, Client(cluster) as client:
+        with (
+            dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"}),
+            LocalCluster(
+                n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+            ) as cluster,
+            Client(cluster) as client,
+        ):
             t = _overhead(client, n, rounds, tmp)
             plain_r, ours_r = [], []
             for _ in range(3):  # alternate, so both see the same machine load
@@ -140,11 +144,15 @@ def main() -> dict[str, Any]:
         "reschedule_resumable_s": round(statistics.median(ours_r), 3),
     }
     res["reschedule_extra_s"] = round(res["reschedule_resumable_s"] - res["reschedule_plain_s"], 3)
-    print(f"   {n} tiny tasks: plain {res['plain_s']} s, resumable memory:// "
-          f"{res['resumable_memory_s']} s (x{res['ratio_memory']}, target <= 1.10), "
-          f"file:// {res['resumable_file_s']} s (x{res['ratio_file']})")
-    print(f"   SIGKILL -> running again: plain {res['reschedule_plain_s']} s, resumable "
-          f"{res['reschedule_resumable_s']} s (+{res['reschedule_extra_s']} s, target <= 0.5 s)")
+    print(
+        f"   {n} tiny tasks: plain {res['plain_s']} s, resumable memory:// "
+        f"{res['resumable_memory_s']} s (x{res['ratio_memory']}, target <= 1.10), "
+        f"file:// {res['resumable_file_s']} s (x{res['ratio_file']})"
+    )
+    print(
+        f"   SIGKILL -> running again: plain {res['reschedule_plain_s']} s, resumable "
+        f"{res['reschedule_resumable_s']} s (+{res['reschedule_extra_s']} s, target <= 0.5 s)"
+    )
     return res
 
 

@@ -91,8 +91,9 @@ def _child_restore(kind: str, root: str, path: str) -> None:
         return
     store = CheckpointStore(f"file://{root}/store")
     with store.stage("bench/torch") as stage:
-        ckpt = TrainingCheckpointer(stage, model=model, optimizer=opt, every_steps=10**9,
-                                    check_data_position=False)
+        ckpt = TrainingCheckpointer(
+            stage, model=model, optimizer=opt, every_steps=10**9, check_data_position=False
+        )
         t0 = time.perf_counter()
         ckpt.restore()
         print(time.perf_counter() - t0)
@@ -101,15 +102,23 @@ def _child_restore(kind: str, root: str, path: str) -> None:
 
 def _restore_in_child(kind: str, root: str, path: str) -> float:
     here = os.path.dirname(os.path.abspath(__file__))
-    code = (f"import sys; sys.path.insert(0, {here!r}); import bench_torch; "
-            f"bench_torch._child_restore({kind!r}, {root!r}, {path!r})")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, timeout=120)
+    code = (
+        f"import sys; sys.path.insert(0, {here!r}); import bench_torch; "
+        f"bench_torch._child_restore({kind!r}, {root!r}, {path!r})"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def _rate(model: torch.nn.Module, opt: torch.optim.Optimizer, seconds: float,
-          ckpt: TrainingCheckpointer | None, first: int) -> tuple[float, int, int]:
+def _rate(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    seconds: float,
+    ckpt: TrainingCheckpointer | None,
+    first: int,
+) -> tuple[float, int, int]:
     steps = saves = 0
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
@@ -132,8 +141,12 @@ def main(steady_seconds: float = 20.0, repeat: int = 5, restore_repeat: int = 2)
         store = CheckpointStore(f"file://{root}/store")
         path = os.path.join(root, "baseline.pt")
         with store.stage("bench/torch") as stage:
-            kw: dict[str, Any] = {"model": model, "optimizer": opt, "keep": 2,
-                                  "check_data_position": False}
+            kw: dict[str, Any] = {
+                "model": model,
+                "optimizer": opt,
+                "keep": 2,
+                "check_data_position": False,
+            }
             sync = TrainingCheckpointer(stage, every_steps=10**9, async_save=False, **kw)
             base_save, our_save, base_load, our_load = [], [], [], []
             for i in range(repeat):
@@ -186,15 +199,23 @@ def main(steady_seconds: float = 20.0, repeat: int = 5, restore_repeat: int = 2)
         shutil.rmtree(root, ignore_errors=True)
         torch.set_num_threads(threads)
     print(f"state: {out['state_mb']} MB (parameters + AdamW state), file:// store, 1 torch thread")
-    print(f"sync save   {out['sync_save_s']:.3f} s vs torch.save+fsync+rename "
-          f"{out['torch_save_fsync_s']:.3f} s  ratio {out['sync_save_ratio']:.2f}x (>= 1.0)")
-    print(f"restore     {out['restore_s']:.3f} s vs torch.load+load_state_dict "
-          f"{out['torch_load_s']:.3f} s  ratio {out['restore_ratio']:.2f}x (>= 1.0)")
-    print(f"async pause {out['async_pause_s']:.3f} s (first {out['async_first_pause_s']:.3f} s) "
-          f"= {out['async_pause_ratio']:.3f} of a sync save (<= 0.15)")
-    print(f"steady      {out['steps_per_s_on']:.2f} steps/s saving every {every:.0f} s "
-          f"({saves} saves) vs {out['steps_per_s_off']:.2f} off  "
-          f"ratio {out['steady_ratio']:.3f} (>= 0.95)")
+    print(
+        f"sync save   {out['sync_save_s']:.3f} s vs torch.save+fsync+rename "
+        f"{out['torch_save_fsync_s']:.3f} s  ratio {out['sync_save_ratio']:.2f}x (>= 1.0)"
+    )
+    print(
+        f"restore     {out['restore_s']:.3f} s vs torch.load+load_state_dict "
+        f"{out['torch_load_s']:.3f} s  ratio {out['restore_ratio']:.2f}x (>= 1.0)"
+    )
+    print(
+        f"async pause {out['async_pause_s']:.3f} s (first {out['async_first_pause_s']:.3f} s) "
+        f"= {out['async_pause_ratio']:.3f} of a sync save (<= 0.15)"
+    )
+    print(
+        f"steady      {out['steps_per_s_on']:.2f} steps/s saving every {every:.0f} s "
+        f"({saves} saves) vs {out['steps_per_s_off']:.2f} off  "
+        f"ratio {out['steady_ratio']:.3f} (>= 0.95)"
+    )
     return out
 
 

@@ -108,9 +108,14 @@ with DAG(
         get_current_context()["partition"] = partition
         pid = os.getpid()
         return etl_partition(
-            stage, partition, sink_url(params), rows=int(params["rows"]),
-            chunk=int(params["chunk"]), seed=int(params["seed"]),
-            unit_delay=float(params["unit_delay"]), table=table_name(params, run_id),
+            stage,
+            partition,
+            sink_url(params),
+            rows=int(params["rows"]),
+            chunk=int(params["chunk"]),
+            seed=int(params["seed"]),
+            unit_delay=float(params["unit_delay"]),
+            table=table_name(params, run_id),
             on_unit=lambda u: note(params["journal"], f"etl {partition} {u} {pid}"),
         )
 

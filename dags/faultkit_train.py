@@ -63,8 +63,12 @@ with DAG(
                     f.write(f"step {step} {pid}\n")
 
         return run_training(
-            stage, steps=int(params["steps"]), every_steps=int(params["every_steps"]),
-            seed=int(params["seed"]), step_delay=float(params["step_delay"]), on_step=on_step,
+            stage,
+            steps=int(params["steps"]),
+            every_steps=int(params["every_steps"]),
+            seed=int(params["seed"]),
+            step_delay=float(params["step_delay"]),
+            on_step=on_step,
         )
 
     @task

@@ -284,9 +284,7 @@ class WorkerLossPlugin(SchedulerPlugin):
         parts.append(f"while running {len(keys)} task(s): {shown}" if keys else "while idle")
         msg = " ".join(parts) + "."
         if resched:
-            msg += (
-                f" {len(resched)} task(s) were rescheduled and resume from their last commit."
-            )
+            msg += f" {len(resched)} task(s) were rescheduled and resume from their last commit."
         if gave_up:
             msg += (
                 f" {len(gave_up)} task(s) failed with KilledWorker: more than "

@@ -89,6 +89,4 @@ async def dask_setup(
     faultkit_dedupe_window: float,
 ) -> None:
     """Dask preload entry point (called by Dask with the server and the click options)."""
-    await install(
-        server, faultkit_store, faultkit_alert, dedupe_window=faultkit_dedupe_window
-    )
+    await install(server, faultkit_store, faultkit_alert, dedupe_window=faultkit_dedupe_window)

@@ -457,7 +457,10 @@ class Alerter:
         log.warning(
             "alert %r could not be delivered to %s after %d attempt(s) (%s); it is dropped "
             "for this channel. Check the channel's URL and service.",
-            title, channel.name, self._attempts, err,
+            title,
+            channel.name,
+            self._attempts,
+            err,
         )
         return False
 
@@ -469,7 +472,8 @@ class Alerter:
         except Exception as exc:
             log.warning(
                 "alert dedupe store %r failed (%s); deduplicating in this process only",
-                self._store, redact(f"{type(exc).__name__}: {exc}"),
+                self._store,
+                redact(f"{type(exc).__name__}: {exc}"),
             )
             now = time.time()
             if self._local_seen(identity, now):
@@ -481,8 +485,12 @@ class Alerter:
         identity = event.identity
         path = self._claim_or_local(identity)
         if path is None:
-            log.info("alert %s for %s suppressed: already sent within %g s",
-                     event.kind, event.key, self.dedupe_window)
+            log.info(
+                "alert %s for %s suppressed: already sent within %g s",
+                event.kind,
+                event.key,
+                self.dedupe_window,
+            )
             _metrics.count_alert(event.kind, "suppressed")
             return False
         for other in extra_identities:  # members of a group: later single sends are dupes
@@ -510,8 +518,12 @@ class Alerter:
         try:
             return self._send(event)
         except Exception as exc:
-            log.warning("alert %s for %s failed: %s", event.kind, event.key,
-                        redact(f"{type(exc).__name__}: {exc}"))
+            log.warning(
+                "alert %s for %s failed: %s",
+                event.kind,
+                event.key,
+                redact(f"{type(exc).__name__}: {exc}"),
+            )
             return False
 
     def send_group(
@@ -545,9 +557,13 @@ class Alerter:
             keys = sorted({e.key for e in events})
             dkeys = {e.dedupe_key for e in events}
             common_dk = next(iter(dkeys)) if len(dkeys) == 1 else None
-            gkey = key or (keys[0] if len(keys) == 1 else common_dk) or hashlib.sha256(
-                "\x00".join(sorted(e.identity for e in events)).encode()
-            ).hexdigest()[:16]
+            gkey = (
+                key
+                or (keys[0] if len(keys) == 1 else common_dk)
+                or hashlib.sha256(
+                    "\x00".join(sorted(e.identity for e in events)).encode()
+                ).hexdigest()[:16]
+            )
             shown = ", ".join(keys[:10]) + (f" (+{len(keys) - 10} more)" if len(keys) > 10 else "")
             msg = message or (
                 f"{len(events)} {first.kind.replace('_', ' ')} event(s) for {gkey}: "
@@ -562,15 +578,22 @@ class Alerter:
                 first.kind,
                 gkey,
                 msg,
-                {"count": len(events), "keys": keys[:200], **lost,
-                 "members": [dict(e.details) for e in events[:20]]},
+                {
+                    "count": len(events),
+                    "keys": keys[:200],
+                    **lost,
+                    "members": [dict(e.details) for e in events[:20]],
+                },
                 dedupe_key=dedupe_key if dedupe_key is not None else common_dk,
                 time=min(e.time for e in events),
             )
             return self._send(group, [e.identity for e in events])
         except Exception as exc:
-            log.warning("alert group of %d event(s) failed: %s", len(events),
-                        redact(f"{type(exc).__name__}: {exc}"))
+            log.warning(
+                "alert group of %d event(s) failed: %s",
+                len(events),
+                redact(f"{type(exc).__name__}: {exc}"),
+            )
             return False
 
     # -- subscription ----------------------------------------------------------------

@@ -49,9 +49,25 @@ _INFRA_SIGNALS = frozenset(
 
 # Free-form reasons an adapter may pass (Dask's remove-worker stimulus, Prefect's crash state).
 _INFRA_REASONS = (
-    "worker-lost", "worker_lost", "worker lost", "lost worker", "killed", "sigkill", "sigterm",
-    "oom", "out of memory", "preempt", "evict", "connection reset", "heartbeat",
-    "zombie", "crash", "remove-worker", "worker-close", "node lost", "spot",
+    "worker-lost",
+    "worker_lost",
+    "worker lost",
+    "lost worker",
+    "killed",
+    "sigkill",
+    "sigterm",
+    "oom",
+    "out of memory",
+    "preempt",
+    "evict",
+    "connection reset",
+    "heartbeat",
+    "zombie",
+    "crash",
+    "remove-worker",
+    "worker-close",
+    "node lost",
+    "spot",
 )
 
 

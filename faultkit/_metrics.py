@@ -29,11 +29,10 @@ class _Metrics:
                 "faultkit metrics need prometheus-client: pip install prometheus-client"
             ) from exc
         self.registry = reg
-        self.events = Counter(
-            "faultkit_events", "Events emitted, by kind.", ["kind"], registry=reg
-        )
+        self.events = Counter("faultkit_events", "Events emitted, by kind.", ["kind"], registry=reg)
         self.resumes = Counter(
-            "faultkit_resumes", "Stages that resumed progress left by an earlier attempt.",
+            "faultkit_resumes",
+            "Stages that resumed progress left by an earlier attempt.",
             registry=reg,
         )
         self.fenced = Counter(
@@ -42,27 +41,32 @@ class _Metrics:
             registry=reg,
         )
         self.corrupt = Counter(
-            "faultkit_checkpoint_corrupt", "Snapshots that failed verification and were skipped.",
+            "faultkit_checkpoint_corrupt",
+            "Snapshots that failed verification and were skipped.",
             registry=reg,
         )
         self.retries = Counter(
-            "faultkit_retries", "Retries scheduled by RetryPolicy, by failure class.",
-            ["failure_class"], registry=reg,
+            "faultkit_retries",
+            "Retries scheduled by RetryPolicy, by failure class.",
+            ["failure_class"],
+            registry=reg,
         )
         self.gave_up = Counter(
-            "faultkit_gave_up", "Calls that ran out of retries or hit a non-retryable error.",
-            ["reason"], registry=reg,
+            "faultkit_gave_up",
+            "Calls that ran out of retries or hit a non-retryable error.",
+            ["reason"],
+            registry=reg,
         )
-        self.worker_lost = Counter(
-            "faultkit_worker_lost", "Worker-lost reports.", registry=reg
-        )
+        self.worker_lost = Counter("faultkit_worker_lost", "Worker-lost reports.", registry=reg)
         self.save_seconds = Histogram(
-            "faultkit_checkpoint_save_seconds", "Time to write and commit one snapshot.",
+            "faultkit_checkpoint_save_seconds",
+            "Time to write and commit one snapshot.",
             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
             registry=reg,
         )
         self.save_bytes = Histogram(
-            "faultkit_checkpoint_save_bytes", "Size of one snapshot.",
+            "faultkit_checkpoint_save_bytes",
+            "Size of one snapshot.",
             buckets=tuple(float(1 << p) for p in range(10, 41, 3)),
             registry=reg,
         )
@@ -81,12 +85,16 @@ class _Metrics:
             registry=reg,
         )
         self.alerts_sent = Counter(
-            "faultkit_alerts_sent", "Alerts delivered to at least one channel.", ["kind"],
+            "faultkit_alerts_sent",
+            "Alerts delivered to at least one channel.",
+            ["kind"],
             registry=reg,
         )
         self.alerts_suppressed = Counter(
-            "faultkit_alerts_suppressed", "Alerts suppressed as duplicates within the window.",
-            ["kind"], registry=reg,
+            "faultkit_alerts_suppressed",
+            "Alerts suppressed as duplicates within the window.",
+            ["kind"],
+            registry=reg,
         )
         self.alerts_failed = Counter(
             "faultkit_alerts_failed", "Alerts that no channel accepted.", ["kind"], registry=reg

@@ -418,13 +418,16 @@ class RetryPolicy:
             attempt = int(getattr(task_run, "run_count", 1) or 1)
             cls = policy.failure_class(exc)
             # Prefect keeps no per-class history: count every earlier run against this class.
-            return policy.decide(
-                exc,
-                failures={cls: attempt},
-                elapsed=0.0,
-                attempt=attempt,
-                key=str(getattr(task_run, "name", "") or getattr(task, "name", "")),
-            ) is not None
+            return (
+                policy.decide(
+                    exc,
+                    failures={cls: attempt},
+                    elapsed=0.0,
+                    attempt=attempt,
+                    key=str(getattr(task_run, "name", "") or getattr(task, "name", "")),
+                )
+                is not None
+            )
 
         return {
             "retries": retries,
@@ -491,9 +494,12 @@ class RetryPolicy:
 
     def _kwargs(self) -> dict[str, Any]:
         return {
-            "attempts": self.attempts, "timeout": self.timeout,
-            "wait_initial": self.wait_initial, "wait_max": self.wait_max,
-            "wait_exp_base": self.wait_exp_base, "wait_jitter": self.wait_jitter,
+            "attempts": self.attempts,
+            "timeout": self.timeout,
+            "wait_initial": self.wait_initial,
+            "wait_max": self.wait_max,
+            "wait_exp_base": self.wait_exp_base,
+            "wait_jitter": self.wait_jitter,
             "infra_attempts": self.infra_attempts,
         }
 
@@ -540,8 +546,13 @@ class _Run:
             self.give_up(exc, retryable=True)
             raise exc
         _emit_retry(
-            self.policy, self._key(), exc, rs.attempt_number, rs.upcoming_sleep,
-            rs.seconds_since_start or 0.0, cls,
+            self.policy,
+            self._key(),
+            exc,
+            rs.attempt_number,
+            rs.upcoming_sleep,
+            rs.seconds_since_start or 0.0,
+            cls,
         )
         return rs.upcoming_sleep
 
@@ -567,8 +578,13 @@ def _short(exc: BaseException) -> str:
 
 
 def _emit_retry(
-    policy: RetryPolicy, key: str, exc: BaseException, attempt: int, delay: float,
-    elapsed: float, cls: FailureClass,
+    policy: RetryPolicy,
+    key: str,
+    exc: BaseException,
+    attempt: int,
+    delay: float,
+    elapsed: float,
+    cls: FailureClass,
 ) -> None:
     budget = policy.budget(cls)
     emit(

@@ -38,7 +38,13 @@ def etl_partition(
     ``faultkit demo`` can count the work a crash made it redo.
     """
     return demo.etl_partition(
-        stage, partition, sink_url, rows=rows, chunk=chunk, seed=seed, unit_delay=unit_delay,
+        stage,
+        partition,
+        sink_url,
+        rows=rows,
+        chunk=chunk,
+        seed=seed,
+        unit_delay=unit_delay,
         on_unit=lambda u: _journal(journal, f"etl {partition} {u}"),
     )
 
@@ -55,8 +61,13 @@ def etl_flow(
 ) -> dict[str, Any]:
     """Run every partition concurrently; returns the rows each partition loaded."""
     futures = etl_partition.map(
-        list(range(partitions)), sink_url=sink_url, rows=rows, chunk=chunk, seed=seed,
-        unit_delay=unit_delay, journal=journal,
+        list(range(partitions)),
+        sink_url=sink_url,
+        rows=rows,
+        chunk=chunk,
+        seed=seed,
+        unit_delay=unit_delay,
+        journal=journal,
     )
     results = [f.result() for f in futures]
     return {"partitions": partitions, "rows": sum(r["rows"] for r in results)}

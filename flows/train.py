@@ -27,7 +27,11 @@ def train_model(
     counts redone steps with it).
     """
     return demo.train(
-        stage, steps=steps, every_steps=every_steps, seed=seed, step_delay=step_delay,
+        stage,
+        steps=steps,
+        every_steps=every_steps,
+        seed=seed,
+        step_delay=step_delay,
         on_step=lambda s: _journal(journal, f"step {s}"),
     )
 

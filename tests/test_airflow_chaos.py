@@ -25,8 +25,9 @@ from faultkit.testing import AlertReceiver, wait_until
 
 psutil = pytest.importorskip("psutil")
 if importlib.util.find_spec("airflow.sdk") is None:
-    pytest.skip("apache-airflow is not installed (pip install 'faultkit[airflow]')",
-                allow_module_level=True)
+    pytest.skip(
+        "apache-airflow is not installed (pip install 'faultkit[airflow]')", allow_module_level=True
+    )
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -35,7 +36,7 @@ ALERT_SECRET = f"alertpw{uuid.uuid4().hex[:16]}"
 HEARTBEAT_TIMEOUT = 10
 REPO = Path(__file__).resolve().parents[1]
 
-LEAKY_DAG = '''
+LEAKY_DAG = """
 from __future__ import annotations
 
 import logging
@@ -60,7 +61,7 @@ def leaky(*, stage):
 with DAG("fk_unit_leaky", schedule=None, start_date=datetime(2024, 1, 1), catchup=False) as dag:
     ResumablePythonOperator(task_id="work", python_callable=leaky)
 
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +108,9 @@ def _task_process(af, run_id: str, task_id: str, map_index: int = -1):
     """The running task process of a TI: its title is 'airflow worker -- <ti id>'."""
     rows = af.query(
         "SELECT id FROM task_instance WHERE run_id = :r AND task_id = :t AND map_index = :m",
-        r=run_id, t=task_id, m=map_index,
+        r=run_id,
+        t=task_id,
+        m=map_index,
     )
     if not rows:
         return None
@@ -128,11 +131,14 @@ def _alerts_for(receiver, run_id: str) -> list[dict]:
 
 def _kill_when(dep, run_id, task_id, map_index, ready, what, *, supervisor=False):
     """Wait until ``ready(view)`` holds for the stage, then SIGKILL its task (or supervisor)."""
-    k = stage_key("faultkit_etl" if task_id == "load" else "faultkit_train", run_id, task_id,
-                  map_index)
+    k = stage_key(
+        "faultkit_etl" if task_id == "load" else "faultkit_train", run_id, task_id, map_index
+    )
     wait_until(
         lambda: dep.af.run_state(run_id) in ("success", "failed") or ready(dep.store.read_view(k)),
-        240, what, interval=0.05,
+        240,
+        what,
+        interval=0.05,
     )
     proc = _task_process(dep.af, run_id, task_id, map_index)
     assert proc is not None, f"no live task process for {task_id}[{map_index}] (it finished first?)"
@@ -189,7 +195,11 @@ def test_train_task_process_sigkilled_resumes_bitwise(deployment):
         "faultkit_train", {"steps": 60, "every_steps": 10, "step_delay": 0.05, "verify": True}
     )
     k, before, _ = _kill_when(
-        dep, run_id, "train", -1, lambda v: any(s.step >= 10 for s in v.live_snaps()),
+        dep,
+        run_id,
+        "train",
+        -1,
+        lambda v: any(s.step >= 10 for s in v.live_snaps()),
         "the first training snapshot",
     )
     last_step = max(s.step for s in before.live_snaps())
@@ -223,7 +233,12 @@ def test_supervisor_sigkilled_heartbeat_timeout_one_alert(deployment):
         "faultkit_etl", {"partitions": 2, "rows": 300, "unit_delay": 0.5, "table": table}
     )
     k, before, task_proc = _kill_when(
-        dep, run_id, "load", 0, lambda v: len(v.units) >= 1, "load[0] to commit a chunk",
+        dep,
+        run_id,
+        "load",
+        0,
+        lambda v: len(v.units) >= 1,
+        "load[0] to commit a chunk",
         supervisor=True,
     )
     assert len(before.units) < 6
@@ -239,10 +254,14 @@ def test_supervisor_sigkilled_heartbeat_timeout_one_alert(deployment):
 
     # The DAG processor ran the retry callback for the heartbeat timeout...
     wait_until(
-        lambda: "heartbeat timeout" in json.dumps(
-            dep.af.query("SELECT event, extra FROM log WHERE run_id = :r", r=run_id)
-        ).lower(),
-        60, "the scheduler to record the heartbeat timeout",
+        lambda: (
+            "heartbeat timeout"
+            in json.dumps(
+                dep.af.query("SELECT event, extra FROM log WHERE run_id = :r", r=run_id)
+            ).lower()
+        ),
+        60,
+        "the scheduler to record the heartbeat timeout",
     )
     alerts = wait_until_alerts(dep.receiver, run_id, 1)
     # ... and that path, the orphaned task and the resumed try together sent one alert.

@@ -22,13 +22,14 @@ from faultkit import CheckpointStore
 from faultkit.testing import AlertReceiver
 
 if importlib.util.find_spec("airflow.sdk") is None:
-    pytest.skip("apache-airflow is not installed (pip install 'faultkit[airflow]')",
-                allow_module_level=True)
+    pytest.skip(
+        "apache-airflow is not installed (pip install 'faultkit[airflow]')", allow_module_level=True
+    )
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "s3cr3t-d0-not-log-7f3a9c"
 
-FLAKY_DAG = '''
+FLAKY_DAG = """
 from __future__ import annotations
 
 import os
@@ -66,9 +67,9 @@ with DAG(
         return {"epoch": stage.epoch, "done_now": done_now}
 
     work.expand(item=items())
-'''
+"""
 
-SLOW_DAG = '''
+SLOW_DAG = """
 from __future__ import annotations
 
 import os
@@ -90,8 +91,7 @@ def slow(*, stage):
 with DAG("fk_unit_slow", schedule=None, start_date=datetime(2024, 1, 1), catchup=False) as dag:
     ResumablePythonOperator(task_id="work", python_callable=slow,
                             store_url=os.environ["FK_UNIT_STORE"], retries=3)
-'''
-
+"""
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +117,11 @@ def airflow_home(tmp_path_factory, receiver):
         "conn_type": "faultkit",
         "login": "minio",
         "password": SECRET,
-        "extra": {"store_url": f"file://{root}/store",
-                  "storage_options": {"client_kwargs": {"endpoint_url": "http://127.0.0.1:1"}},
-                  "alert_urls": f"json://user:{SECRET}x@127.0.0.1:{receiver.port}/hook"},
+        "extra": {
+            "store_url": f"file://{root}/store",
+            "storage_options": {"client_kwargs": {"endpoint_url": "http://127.0.0.1:1"}},
+            "alert_urls": f"json://user:{SECRET}x@127.0.0.1:{receiver.port}/hook",
+        },
     }
     env = {
         "FK_UNIT_STORE": f"file://{root}/unit-store",
@@ -156,10 +158,17 @@ def _xcom(dr, task_id: str, map_index: int = -1):
     from airflow.utils.session import create_session
 
     with create_session() as s:
-        row = s.query(XComModel).filter_by(
-            dag_id=dr.dag_id, run_id=dr.run_id, task_id=task_id, map_index=map_index,
-            key="return_value",
-        ).one()
+        row = (
+            s.query(XComModel)
+            .filter_by(
+                dag_id=dr.dag_id,
+                run_id=dr.run_id,
+                task_id=task_id,
+                map_index=map_index,
+                key="return_value",
+            )
+            .one()
+        )
         return row.value if not isinstance(row.value, str) else json.loads(row.value)
 
 
@@ -216,9 +225,17 @@ def test_hook_reads_env_connection_and_masks_secrets(airflow_home, monkeypatch):
     assert s.store_url == f"file://{airflow_home.root}/store"
     assert "secret" not in s.storage_options  # login/password are S3 credentials only
     assert len(s.alert_urls) == 1
-    monkeypatch.setenv("AIRFLOW_CONN_FK_S3", json.dumps(
-        {"conn_type": "faultkit", "login": "AKIA", "password": SECRET,
-         "extra": {"store_url": "s3://bucket/ck"}}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_FK_S3",
+        json.dumps(
+            {
+                "conn_type": "faultkit",
+                "login": "AKIA",
+                "password": SECRET,
+                "extra": {"store_url": "s3://bucket/ck"},
+            }
+        ),
+    )
     s3 = CheckpointHook("fk_s3").settings()
     assert s3.storage_options == {"key": "AKIA", "secret": SECRET}
     assert SECRET not in repr(s) and SECRET not in repr(hook)
@@ -286,8 +303,10 @@ def _pointer(dr, task_id: str, map_index: int) -> dict:
 
     with create_session() as s:
         value = s.execute(
-            text("SELECT value FROM task_state_store WHERE dag_id=:d AND run_id=:r AND "
-                 "task_id=:t AND map_index=:m AND key='faultkit'"),
+            text(
+                "SELECT value FROM task_state_store WHERE dag_id=:d AND run_id=:r AND "
+                "task_id=:t AND map_index=:m AND key='faultkit'"
+            ),
             {"d": dr.dag_id, "r": dr.run_id, "t": task_id, "m": map_index},
         ).scalar_one()
     return json.loads(value) if isinstance(value, str) else value
@@ -335,7 +354,11 @@ def test_sigkilled_dag_test_resumes_in_same_run(airflow_home, faultkit_chaos):
         return len(store.read_view(keys[0]).units) if keys else 0
 
     report = faultkit_chaos.run_with_kills(
-        run_slow_dag, kills=1, seed=3, ready=lambda: units_done() >= 2, max_delay=0.3,
+        run_slow_dag,
+        kills=1,
+        seed=3,
+        ready=lambda: units_done() >= 2,
+        max_delay=0.3,
         timeout=240,
     )
     assert report.kills == 1

@@ -73,10 +73,16 @@ def test_delivered_by_email_to_a_real_smtp_server():
     controller = Controller(Handler(), hostname="127.0.0.1", port=port)
     controller.start()
     try:
-        url = f"mailto://127.0.0.1:{port}?from=faultkit@example.com&to=ops@example.com&mode=insecure"
+        url = (
+            f"mailto://127.0.0.1:{port}?from=faultkit@example.com&to=ops@example.com&mode=insecure"
+        )
         alerter = Alerter(url)
-        event = Event("resumed", "train/run-9/fit/0", "attempt 2 resumed train/run-9/fit/0",
-                      {"units_done": 7, "last_step": 400, "seconds_since_last_commit": 12.0})
+        event = Event(
+            "resumed",
+            "train/run-9/fit/0",
+            "attempt 2 resumed train/run-9/fit/0",
+            {"units_done": 7, "last_step": 400, "seconds_since_last_commit": 12.0},
+        )
         assert alerter.send(event) is True
         wait_until(lambda: received, 30, "an e-mail at the SMTP server")
     finally:
@@ -127,10 +133,25 @@ def test_deduplicated_across_two_processes_with_a_shared_store(alert_receiver, t
     procs = []
     for i in range(2):
         ready = tmp_path / f"ready-{i}"
-        procs.append((ready, subprocess.Popen(
-            [sys.executable, str(script), alert_receiver.url(), store_url, str(ready), str(gate)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ.copy(),
-        )))
+        procs.append(
+            (
+                ready,
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        str(script),
+                        alert_receiver.url(),
+                        store_url,
+                        str(ready),
+                        str(gate),
+                    ],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=os.environ.copy(),
+                ),
+            )
+        )
     wait_until(lambda: all(r.exists() for r, _ in procs), 60, "both senders ready")
     gate.touch()
     outputs = []
@@ -200,9 +221,12 @@ def test_failure_is_logged_never_raised_and_secrets_never_leak(alert_receiver, c
         alert_receiver.fail_next(100)
         down = free_port()
         alerter = Alerter(
-            [f"json://ops:{SECRET}@127.0.0.1:{alert_receiver.port}/hook",
-             f"json://127.0.0.1:{down}/hook?token={SECRET}2"],
-            delivery_attempts=2, delivery_wait=0.01,
+            [
+                f"json://ops:{SECRET}@127.0.0.1:{alert_receiver.port}/hook",
+                f"json://127.0.0.1:{down}/hook?token={SECRET}2",
+            ],
+            delivery_attempts=2,
+            delivery_wait=0.01,
         )
         assert alerter.send(lost_event()) is False
         with pytest.raises(AlertConfigError) as info:
@@ -325,9 +349,12 @@ def test_metrics_follow_events_saves_and_alerts(alert_receiver, store):
         return reg.get_sample_value(name, labels) or 0.0
 
     names = [
-        ("faultkit_resumes_total", {}), ("faultkit_fenced_writes_total", {}),
-        ("faultkit_work_lost_seconds_count", {}), ("faultkit_checkpoint_save_seconds_count", {}),
-        ("faultkit_checkpoint_save_seconds_sum", {}), ("faultkit_checkpoint_save_bytes_sum", {}),
+        ("faultkit_resumes_total", {}),
+        ("faultkit_fenced_writes_total", {}),
+        ("faultkit_work_lost_seconds_count", {}),
+        ("faultkit_checkpoint_save_seconds_count", {}),
+        ("faultkit_checkpoint_save_seconds_sum", {}),
+        ("faultkit_checkpoint_save_bytes_sum", {}),
         ("faultkit_alerts_sent_total", {"kind": "worker_lost"}),
         ("faultkit_alerts_suppressed_total", {"kind": "worker_lost"}),
     ]
@@ -344,10 +371,14 @@ def test_metrics_follow_events_saves_and_alerts(alert_receiver, store):
     alerter.send(lost_event())
     delta = {n: value(n, **lb) - before[n] for n, lb in names}
     assert delta == {
-        "faultkit_resumes_total": 1, "faultkit_fenced_writes_total": 1,
-        "faultkit_work_lost_seconds_count": 1, "faultkit_checkpoint_save_seconds_count": 1,
-        "faultkit_checkpoint_save_seconds_sum": 0.25, "faultkit_checkpoint_save_bytes_sum": 4096,
-        "faultkit_alerts_sent_total": 1, "faultkit_alerts_suppressed_total": 1,
+        "faultkit_resumes_total": 1,
+        "faultkit_fenced_writes_total": 1,
+        "faultkit_work_lost_seconds_count": 1,
+        "faultkit_checkpoint_save_seconds_count": 1,
+        "faultkit_checkpoint_save_seconds_sum": 0.25,
+        "faultkit_checkpoint_save_bytes_sum": 4096,
+        "faultkit_alerts_sent_total": 1,
+        "faultkit_alerts_suppressed_total": 1,
     }
     assert 0 <= value("faultkit_checkpoint_age_seconds") < 60
     port = free_port()

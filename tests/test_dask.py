@@ -74,13 +74,21 @@ def env(tmp_path_factory, receiver):
     store_url = f"file://{d}/store"
     # LocalCluster drops a nanny whose worker is missing lost-worker-timeout after *some*
     # earlier loss of it; with kills every few seconds that hits a restarting worker.
-    with dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"}), LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
-    ) as cluster, Client(cluster) as client:
+    with (
+        dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"}),
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         client.register_plugin(WorkerLossPlugin([receiver.url()], store_url))
         client.register_plugin(CheckpointPlugin(store_url))
         yield SimpleNamespace(
-            client=client, cluster=cluster, store_url=store_url, dir=d, receiver=receiver,
+            client=client,
+            cluster=cluster,
+            store_url=store_url,
+            dir=d,
+            receiver=receiver,
             store=CheckpointStore(store_url),
         )
 
@@ -117,8 +125,17 @@ def test_etl_worker_killed_resumes_exactly_once(ready, faultkit_chaos, run):
     lost_before = len(_alerts(env.receiver, "worker_lost"))
 
     [fut] = run_etl_on_dask(
-        env.client, env.store_url, sink, [run], ROWS, chunk=CHUNK, seed=run,
-        unit_delay=0.2, run_id=f"kill{run}", journal=journal, wait=False,
+        env.client,
+        env.store_url,
+        sink,
+        [run],
+        ROWS,
+        chunk=CHUNK,
+        seed=run,
+        unit_delay=0.2,
+        run_id=f"kill{run}",
+        journal=journal,
+        wait=False,
     )
     skey = stage_key(fut.key)
     wait_until(lambda: len(env.store.read_view(skey).units) >= kill_after, 120, "ETL progress")
@@ -139,9 +156,7 @@ def test_etl_worker_killed_resumes_exactly_once(ready, faultkit_chaos, run):
     assert res["units_skipped"] >= kill_after
     assert journal_count(journal, "attempt ") == 2
 
-    wait_until(
-        lambda: len(_alerts(env.receiver, "worker_lost")) >= lost_before + 1, 30, "alert"
-    )
+    wait_until(lambda: len(_alerts(env.receiver, "worker_lost")) >= lost_before + 1, 30, "alert")
     _flush_alerts(env.client)
     new = _alerts(env.receiver, "worker_lost")[lost_before:]
     assert len(new) == 1
@@ -162,8 +177,17 @@ def test_training_worker_killed_weights_bitwise_equal(ready):
     journal = str(env.dir / "train.journal")
     lost_before = len(_alerts(env.receiver, "worker_lost"))
     steps, every = 30, 5
-    fut = run_train_on_dask(env.client, env.store_url, steps=steps, every_steps=every, seed=3,
-                            step_delay=0.05, run_id="kill", journal=journal, wait=False)
+    fut = run_train_on_dask(
+        env.client,
+        env.store_url,
+        steps=steps,
+        every_steps=every,
+        seed=3,
+        step_delay=0.05,
+        run_id="kill",
+        journal=journal,
+        wait=False,
+    )
     skey = stage_key(fut.key)
 
     def progressed() -> bool:
@@ -203,10 +227,12 @@ def test_finished_task_not_recomputed_after_worker_loss(ready):
     addr = sorted(c.scheduler_info()["workers"])[0]
     ours, plain = str(env.dir / "fin-ours"), str(env.dir / "fin-plain")
     lost_before = len(_alerts(env.receiver, "worker_lost"))
-    f1 = c.submit(resumable(_side_effect), ours, 21, key="fin-ours",
-                  workers=[addr], allow_other_workers=True)
-    f2 = c.submit(_plain_side_effect, plain, 21, key="fin-plain",
-                  workers=[addr], allow_other_workers=True)
+    f1 = c.submit(
+        resumable(_side_effect), ours, 21, key="fin-ours", workers=[addr], allow_other_workers=True
+    )
+    f2 = c.submit(
+        _plain_side_effect, plain, 21, key="fin-plain", workers=[addr], allow_other_workers=True
+    )
     wait_until(lambda: f1.status == f2.status == "finished", 60, "both tasks finished")
     assert set(c.who_has([f1, f2]).values()) == {(addr,)}
     pid = c.run(os.getpid, workers=[addr])[addr]

@@ -33,8 +33,13 @@ def _start(args: list[str], log) -> subprocess.Popen:
     # Workers unpickle this module's task functions by reference: let them import it.
     here = os.path.dirname(os.path.abspath(__file__))
     path = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
-    return subprocess.Popen([DASK, *args], stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, "PYTHONPATH": path})
+    return subprocess.Popen(
+        [DASK, *args],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": path},
+    )
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -51,21 +56,43 @@ def test_preloaded_scheduler_alerts_on_killed_worker(tmp_path, alert_receiver):
     url = f"file://{tmp_path}/store"
     addr = f"tcp://127.0.0.1:{port}"
     log = open(tmp_path / "cluster.log", "wb")
-    procs = [_start(["scheduler", "--host", "127.0.0.1", "--port", str(port),
-                     "--no-dashboard", "--preload", "dask_plugins.preload",
-                     "--faultkit-store", url, "--faultkit-alert", alert_receiver.url()], log)]
+    procs = [
+        _start(
+            [
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-dashboard",
+                "--preload",
+                "dask_plugins.preload",
+                "--faultkit-store",
+                url,
+                "--faultkit-alert",
+                alert_receiver.url(),
+            ],
+            log,
+        )
+    ]
     try:
         for _ in range(2):
             procs.append(_start(["worker", addr, "--nthreads", "1", "--no-dashboard"], log))
         with Client(addr, timeout=60) as client:
             client.wait_for_workers(2, timeout=120)
-            assert client.run_on_scheduler(
-                lambda dask_scheduler: sorted(dask_scheduler.plugins)
-            ).count(WorkerLossPlugin.name) == 1
+            assert (
+                client.run_on_scheduler(
+                    lambda dask_scheduler: sorted(dask_scheduler.plugins)
+                ).count(WorkerLossPlugin.name)
+                == 1
+            )
             fut = client.submit(resumable(_steps), 40, key="preloaded")  # the plugin's store
             store = CheckpointStore(url)
-            wait_until(lambda: len(store.read_view(stage_key("preloaded")).units) >= 3, 120,
-                       "progress on a worker")
+            wait_until(
+                lambda: len(store.read_view(stage_key("preloaded")).units) >= 3,
+                120,
+                "progress on a worker",
+            )
             worker, _, _ = kill_worker_running(client, "preloaded")
             assert fut.result(timeout=120) == {"epoch": 2}
             [alert] = alert_receiver.wait_for(1, timeout=30)
@@ -93,9 +120,13 @@ def test_preload_from_dask_config(tmp_path):
         "distributed.scheduler.preload": ["dask_plugins.preload"],
         "distributed.scheduler.preload-argv": ["--faultkit-store", url],
     }
-    with dask.config.set(cfg), LocalCluster(
-        n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
-    ) as cluster, Client(cluster) as client:
+    with (
+        dask.config.set(cfg),
+        LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         assert WorkerLossPlugin.name in cluster.scheduler.plugins
         assert CheckpointPlugin.name in cluster.scheduler.worker_plugins
         assert client.submit(resumable(_steps), 3, key="configured").result(60) == {"epoch": 1}

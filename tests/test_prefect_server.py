@@ -69,9 +69,7 @@ def test_killed_etl_run_is_rerun_and_loads_rows_once(stack, receiver, tmp_path):
         "duplicates": 0,
     }
     # The re-run resumed: the killed attempt's units were not redone (epoch 2 skipped them).
-    resumed = [
-        k for k, n in done_at_kill.items() if n and store.read_view(k).epoch == 2
-    ]
+    resumed = [k for k, n in done_at_kill.items() if n and store.read_view(k).epoch == 2]
     assert resumed, done_at_kill
     receiver.wait_for(before + 1, timeout=30)
     alerts = receiver.messages()[before:]
@@ -112,9 +110,7 @@ def test_lost_worker_training_run_is_detected_by_heartbeats_and_resumes(stack, r
     (k,) = store.keys("prefect/faultkit-train")
     view = store.read_view(k)
     assert view.epoch == 2
-    assert view.finished.result == demo.reference_train(
-        TRAIN["steps"], TRAIN["seed"]
-    )
+    assert view.finished.result == demo.reference_train(TRAIN["steps"], TRAIN["seed"])
     receiver.wait_for(before + 1, timeout=30)
     alerts = receiver.messages()[before:]
     assert len(alerts) == 1, alerts

@@ -65,9 +65,17 @@ def test_blocks_are_registered_by_the_cli(harness):
     """``prefect block register -m prefect_blocks`` registers all three block types."""
     env = {**os.environ, "PREFECT_API_URL": harness}
     out = subprocess.run(
-        [str(Path(sys.executable).with_name("prefect")), "block", "register", "-m",
-         "prefect_blocks"],
-        env=env, capture_output=True, text=True, timeout=120,
+        [
+            str(Path(sys.executable).with_name("prefect")),
+            "block",
+            "register",
+            "-m",
+            "prefect_blocks",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "3" in out.stdout
@@ -120,7 +128,9 @@ def test_alert_block_round_trip_masks_urls(alert_receiver):
 def test_retry_block_round_trip_gives_the_same_policy():
     """A saved RetryPolicyBlock gives back a RetryPolicy with the same numbers and ``on``."""
     RetryPolicyBlock(
-        retry_on=["ConnectionError", "socket.timeout"], attempts=4, wait_initial=0.5,
+        retry_on=["ConnectionError", "socket.timeout"],
+        attempts=4,
+        wait_initial=0.5,
         infra_attempts=2,
     ).save("retry", overwrite=True)
     policy = RetryPolicyBlock.load("retry").get_policy()
@@ -234,8 +244,13 @@ def test_dask_task_runner_resumes(tmp_path):
         return i + 1
 
     runner = prefect_dask.DaskTaskRunner(
-        cluster_kwargs={"n_workers": 1, "threads_per_worker": 2, "processes": True,
-                        "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}
+        cluster_kwargs={
+            "n_workers": 1,
+            "threads_per_worker": 2,
+            "processes": True,
+            "host": "127.0.0.1",
+            "dashboard_address": "127.0.0.1:0",
+        }
     )
 
     @flow(task_runner=runner)
@@ -276,8 +291,12 @@ def test_killed_flow_process_resumes_with_the_chaos_fixture(harness, tmp_path, f
     store_url = f"file://{tmp_path / 'store'}"
     out = str(tmp_path / "out.txt")
     first = faultkit_chaos.run_in_child(
-        _child_flow, harness, store_url, out,
-        env={"FAULTKIT_FAILPOINTS": "done.committed=kill@3"}, timeout=120,
+        _child_flow,
+        harness,
+        store_url,
+        out,
+        env={"FAULTKIT_FAILPOINTS": "done.committed=kill@3"},
+        timeout=120,
     )
     assert first.killed  # the fault fired
     assert Path(out).read_text().split() == ["0", "1", "2"]

@@ -92,6 +92,7 @@ def test_non_matching_error_after_retries_stops(events):
 
 def test_predicate_on():
     """``on=`` may be a predicate that looks at the exception."""
+
     def transient(exc: BaseException) -> bool:
         return isinstance(exc, OSError) and exc.errno == 11
 
@@ -125,7 +126,11 @@ def test_total_timeout_honoured(events):
     """No wait or new attempt starts past ``timeout``, however many attempts are left."""
     fn = Flaky(*(ConnectionError() for _ in range(1000)))
     policy = RetryPolicy(
-        on=ConnectionError, attempts=1000, timeout=0.6, wait_initial=0.05, wait_exp_base=1.0,
+        on=ConnectionError,
+        attempts=1000,
+        timeout=0.6,
+        wait_initial=0.05,
+        wait_exp_base=1.0,
         wait_jitter=0.0,
     )
     t0 = time.monotonic()
@@ -187,8 +192,12 @@ def _as_async(fn):
 def test_jitter_and_backoff_bounds(events):
     """Each wait is initial*base**(n-1) plus up to ``wait_jitter``, capped at ``wait_max``."""
     policy = RetryPolicy(
-        on=ConnectionError, attempts=6, wait_initial=0.01, wait_exp_base=2.0,
-        wait_jitter=0.02, wait_max=0.06,
+        on=ConnectionError,
+        attempts=6,
+        wait_initial=0.01,
+        wait_exp_base=2.0,
+        wait_jitter=0.02,
+        wait_max=0.06,
     )
     fn = Flaky(*(ConnectionError() for _ in range(5)))
     t0 = time.monotonic()
@@ -265,8 +274,9 @@ def test_infra_failures_have_their_own_budget(events):
     assert classes == ["infrastructure"] * 3 + ["code"]
 
     shared = RetryPolicy(on=(ValueError, ConnectionResetError), attempts=2, **FAST)
-    fn = Flaky(*[ConnectionResetError(), ConnectionResetError(), ConnectionResetError(),
-                 ValueError()])
+    fn = Flaky(
+        *[ConnectionResetError(), ConnectionResetError(), ConnectionResetError(), ValueError()]
+    )
     with pytest.raises(ConnectionResetError):
         shared.call(fn)
     assert fn.calls == 2  # without a split the flaky cluster burnt the budget
@@ -287,8 +297,13 @@ def test_policy_is_frozen_keyword_only_and_validated():
     policy = RetryPolicy(on=ConnectionError)
     with pytest.raises(AttributeError):
         policy.attempts = 9  # type: ignore[misc]
-    for bad in ({"attempts": 0}, {"timeout": 0}, {"wait_initial": -1}, {"wait_exp_base": 0.5},
-                {"infra_attempts": 0}):
+    for bad in (
+        {"attempts": 0},
+        {"timeout": 0},
+        {"wait_initial": -1},
+        {"wait_exp_base": 0.5},
+        {"infra_attempts": 0},
+    ):
         with pytest.raises(ValueError):
             RetryPolicy(on=ConnectionError, **bad)
     with pytest.raises(TypeError, match="on="):
@@ -297,8 +312,13 @@ def test_policy_is_frozen_keyword_only_and_validated():
 
 def test_pickle_and_dict_round_trip():
     """A policy survives pickling (to Dask workers) and to_dict/from_dict (Airflow)."""
-    policy = RetryPolicy(on=(ConnectionError, TimeoutError), attempts=7, timeout=None,
-                         wait_initial=0.5, infra_attempts=3)
+    policy = RetryPolicy(
+        on=(ConnectionError, TimeoutError),
+        attempts=7,
+        timeout=None,
+        wait_initial=0.5,
+        infra_attempts=3,
+    )
     assert pickle.loads(pickle.dumps(policy)) == policy
     assert RetryPolicy.from_dict(policy.to_dict()) == policy
     fn = Flaky(ConnectionError())
@@ -311,8 +331,14 @@ def test_pickle_and_dict_round_trip():
 
 def test_translations():
     """airflow(), prefect() and dask() carry the same attempts and backoff."""
-    policy = RetryPolicy(on=ConnectionError, attempts=4, wait_initial=2.0, wait_max=10.0,
-                         wait_exp_base=3.0, wait_jitter=1.0)
+    policy = RetryPolicy(
+        on=ConnectionError,
+        attempts=4,
+        wait_initial=2.0,
+        wait_max=10.0,
+        wait_exp_base=3.0,
+        wait_jitter=1.0,
+    )
     pf = policy.prefect()
     assert pf["retries"] == 3
     assert pf["retry_delay_seconds"] == [2.0, 6.0, 10.0]
@@ -337,8 +363,14 @@ def test_importing_faultkit_imports_no_orchestrator():
         " 'prometheus_client')\n"
         "print(sorted({m.split('.')[0] for m in sys.modules if m.split('.')[0] in heavy}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, env=os.environ.copy(), check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=os.environ.copy(),
+        check=True,
+    )
     assert out.stdout.strip() == "[]"
 
 

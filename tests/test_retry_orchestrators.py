@@ -134,15 +134,21 @@ def test_airflow_policy_serializes_and_is_obeyed_by_dag_test(airflow_env, tmp_pa
     runner = tmp_path / "runner.py"
     runner.write_text(RUNNER)
     proc = subprocess.run(
-        [sys.executable, str(runner)], env={**env, "FK_COUNT_DIR": str(counts)},
-        capture_output=True, text=True, timeout=400,
+        [sys.executable, str(runner)],
+        env={**env, "FK_COUNT_DIR": str(counts)},
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, (proc.stdout[-3000:], proc.stderr[-5000:])
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT ") :])
 
     assert result["serialized"] == {
-        "retries": 3, "retry_delay": 0.0, "has_retry_policy": True, "policy_round_trip": True,
+        "retries": 3,
+        "retry_delay": 0.0,
+        "has_retry_policy": True,
+        "policy_round_trip": True,
     }
 
     def calls(name: str) -> int:
@@ -233,8 +239,16 @@ def test_dask_retries_drive_a_real_cluster(tmp_path):
     from distributed import Client, LocalCluster
 
     policy = RetryPolicy(on=ConnectionError, attempts=3)
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
-                      dashboard_address=":0", host="127.0.0.1") as cluster, Client(cluster) as c:
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",
+            host="127.0.0.1",
+        ) as cluster,
+        Client(cluster) as c,
+    ):
         ok = c.submit(_count_and_fail, str(tmp_path / "ok"), 3, pure=False, **policy.dask())
         assert ok.result(timeout=120) == 3
         bad = c.submit(_count_and_fail, str(tmp_path / "bad"), 10, pure=False, **policy.dask())

@@ -82,15 +82,21 @@ def _ckpt(stage, parts, counter, **kw):
     kw.setdefault("every_steps", 1)
     kw.setdefault("check_data_position", False)
     return TrainingCheckpointer(
-        stage, model=model, optimizer=opt, scheduler=sched, scaler=scaler,
-        extra={"counter": counter}, **kw,
+        stage,
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        scaler=scaler,
+        extra={"counter": counter},
+        **kw,
     )
 
 
 def _digest(parts, counter) -> str:
     model, opt, sched, scaler = parts
-    return weights_digest([model.state_dict(), opt.state_dict(), sched.state_dict(),
-                           scaler.state_dict(), counter.n])
+    return weights_digest(
+        [model.state_dict(), opt.state_dict(), sched.state_dict(), scaler.state_dict(), counter.n]
+    )
 
 
 def test_format_round_trips_every_supported_value():
@@ -126,8 +132,11 @@ def test_format_round_trips_every_supported_value():
 def test_unsafe_state_is_refused_at_save(store):
     """State holding an arbitrary object raises TypeError when saving, and nothing is written."""
     with store.stage("t/unsafe") as stage:
-        obj = type("Sneaky", (), {"state_dict": lambda self: {"x": object()},
-                                  "load_state_dict": lambda self, s: None})()
+        obj = type(
+            "Sneaky",
+            (),
+            {"state_dict": lambda self: {"x": object()}, "load_state_dict": lambda self, s: None},
+        )()
         ckpt = TrainingCheckpointer(stage, extra={"s": obj}, every_steps=1, async_save=False)
         with pytest.raises(TypeError, match="without pickle"):
             ckpt.step(0)
@@ -210,8 +219,10 @@ def test_restore_continues_bitwise(store, async_save):
     parts, counter = _setup(), Counter()
     random.seed(1)
     np.random.seed(1)
-    with store.stage("t/resume") as stage, _ckpt(stage, parts, counter, every_steps=3,
-                                                  async_save=async_save) as ckpt:
+    with (
+        store.stage("t/resume") as stage,
+        _ckpt(stage, parts, counter, every_steps=3, async_save=async_save) as ckpt,
+    ):
         assert ckpt.restore() == 0
         for step in range(6):
             _train_step(*parts, counter)
@@ -278,8 +289,13 @@ def test_missing_data_position_warns(store):
         ckpt.close()
         model, opt, sched, scaler = parts
         ckpt = TrainingCheckpointer(
-            stage, model=model, optimizer=opt, scheduler=sched, scaler=scaler,
-            extra={"counter": counter, "sampler": ResumableSampler(10)}, every_steps=1,
+            stage,
+            model=model,
+            optimizer=opt,
+            scheduler=sched,
+            scaler=scaler,
+            extra={"counter": counter, "sampler": ResumableSampler(10)},
+            every_steps=1,
         )
         with warnings.catch_warnings():
             warnings.simplefilter("error", ResumeWarning)

@@ -76,16 +76,39 @@ def test_sigkilled_training_resumes_bitwise(tmp_path):
     rng = random.Random(seed)
     jobs = []
     for s in (0, 1):  # uninterrupted references, one per data/model seed
-        jobs.append({"id": f"ref{s}", "store": f"file://{tmp_path}/ref{s}", "key": "t",
-                     "steps": STEPS, "every": EVERY, "seed": s, "async": True, "delay": 0.0,
-                     "kills": []})
+        jobs.append(
+            {
+                "id": f"ref{s}",
+                "store": f"file://{tmp_path}/ref{s}",
+                "key": "t",
+                "steps": STEPS,
+                "every": EVERY,
+                "seed": s,
+                "async": True,
+                "delay": 0.0,
+                "kills": [],
+            }
+        )
     for i in range(RUNS):
-        jobs.append({"id": i, "store": f"file://{tmp_path}/run{i}", "key": "train/mlp",
-                     "steps": STEPS, "every": EVERY, "seed": i % 2, "async": i % 2 == 0,
-                     "delay": 0.003, "kills": _plans(rng, i)})
+        jobs.append(
+            {
+                "id": i,
+                "store": f"file://{tmp_path}/run{i}",
+                "key": "train/mlp",
+                "steps": STEPS,
+                "every": EVERY,
+                "seed": i % 2,
+                "async": i % 2 == 0,
+                "delay": 0.003,
+                "kills": _plans(rng, i),
+            }
+        )
     proc = subprocess.run(
-        [sys.executable, ZYGOTE], input="".join(json.dumps(j) + "\n" for j in jobs),
-        capture_output=True, text=True, timeout=200,
+        [sys.executable, ZYGOTE],
+        input="".join(json.dumps(j) + "\n" for j in jobs),
+        capture_output=True,
+        text=True,
+        timeout=200,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -133,13 +156,35 @@ def _torchrun(tmp_path, name: str, plans: list[dict], restarts: int = 3):
     out.mkdir()
     url = f"file://{tmp_path}/{name}-store"
     cmd = [
-        TORCHRUN, "--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", str(restarts),
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
-        "--local-addr", "127.0.0.1", "--monitor-interval", "0.1",
-        DDP, url, "train/ddp", str(STEPS), str(EVERY), str(out), json.dumps(plans),
+        TORCHRUN,
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        str(restarts),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{free_port()}",
+        "--local-addr",
+        "127.0.0.1",
+        "--monitor-interval",
+        "0.1",
+        DDP,
+        url,
+        "train/ddp",
+        str(STEPS),
+        str(EVERY),
+        str(out),
+        json.dumps(plans),
     ]
-    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1",
-           "MASTER_ADDR": "127.0.0.1"}
+    env = {
+        **os.environ,
+        "GLOO_SOCKET_IFNAME": "lo",
+        "OMP_NUM_THREADS": "1",
+        "MASTER_ADDR": "127.0.0.1",
+    }
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out
@@ -169,12 +214,19 @@ def test_ddp_rank_killed_resumes_bitwise(tmp_path, ddp_reference, scenario):
     rng = random.Random(seed)
 
     def at_step(attempt: int, rank: int) -> dict:
-        return {"attempt": attempt, "rank": rank, "kind": "time",
-                "step": rng.randint(2, STEPS - 12), "after": rng.uniform(0, 0.01)}
+        return {
+            "attempt": attempt,
+            "rank": rank,
+            "kind": "time",
+            "step": rng.randint(2, STEPS - 12),
+            "after": rng.uniform(0, 0.01),
+        }
 
     if scenario == "rank1-step-then-rank0-midwrite":
-        plans = [at_step(0, 1),
-                 {"attempt": 1, "rank": 0, "kind": "fp", "point": "save.blob_partial", "nth": 2}]
+        plans = [
+            at_step(0, 1),
+            {"attempt": 1, "rank": 0, "kind": "fp", "point": "save.blob_partial", "nth": 2},
+        ]
     else:
         plans = [at_step(0, 0), at_step(1, 1)]
     out = _torchrun(tmp_path, scenario, plans)

@@ -24,8 +24,9 @@ class _ResumableDecoratedOperator(DecoratedOperator, ResumablePythonOperator):
     template_fields_renderers = {"templates_dict": "json", "op_args": "py", "op_kwargs": "py"}
     custom_operator_name: str = "@task.resumable"
 
-    def __init__(self, *, python_callable: Callable[..., Any], op_args: Any, op_kwargs: Any,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *, python_callable: Callable[..., Any], op_args: Any, op_kwargs: Any, **kwargs: Any
+    ) -> None:
         op_kwargs = dict(op_kwargs or {})
         # ``stage`` is supplied at run time, like a context value; give the signature check a
         # placeholder so ``def fn(partition, *, stage)`` needs no default.

@@ -88,8 +88,11 @@ class FaultkitNotifier(BaseNotifier):
         except Exception as exc:
             if self.urls is None:
                 raise
-            log.info("connection %r not used (%s); using the given URLs", self.conn_id,
-                     type(exc).__name__)
+            log.info(
+                "connection %r not used (%s); using the given URLs",
+                self.conn_id,
+                type(exc).__name__,
+            )
             return None
 
     def _store(self, settings: Any, task: Any) -> CheckpointStore | None:
@@ -102,8 +105,7 @@ class FaultkitNotifier(BaseNotifier):
             if settings is not None:
                 return CheckpointStore(settings.store_url, **settings.storage_options)
         except Exception as exc:
-            log.warning("no store for alert dedupe (%s); alerting without it",
-                        type(exc).__name__)
+            log.warning("no store for alert dedupe (%s); alerting without it", type(exc).__name__)
         return None
 
     # -- notify ------------------------------------------------------------------------
@@ -115,8 +117,10 @@ class FaultkitNotifier(BaseNotifier):
         settings = self._settings()
         urls = self.urls if self.urls is not None else (settings.alert_urls if settings else [])
         if not urls:
-            log.warning("FaultkitNotifier has no alert URLs (give urls= or set the connection's "
-                        "alert_urls); nothing sent")
+            log.warning(
+                "FaultkitNotifier has no alert URLs (give urls= or set the connection's "
+                "alert_urls); nothing sent"
+            )
             return
         ti = context.get("ti")
         store = self._store(settings, context.get("task") if ti is not None else None)

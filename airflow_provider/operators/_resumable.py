@@ -221,7 +221,8 @@ class ResumablePythonOperator(PythonOperator):
             "seconds_since_last_commit": info.get("seconds_since_last_commit"),
         }
         cause = (
-            f"raised {prev['error']}" if isinstance(prev, dict) and prev.get("error")
+            f"raised {prev['error']}"
+            if isinstance(prev, dict) and prev.get("error")
             else "stopped without reporting (its process or worker was lost)"
         )
         alerter.send(
@@ -266,7 +267,9 @@ class ResumablePythonOperator(PythonOperator):
 
             unsubscribe = subscribe(forward)
         self.log.info(
-            "faultkit stage %s: epoch %d%s", key, stage.epoch,
+            "faultkit stage %s: epoch %d%s",
+            key,
+            stage.epoch,
             f", resuming ({dict(stage.resume_info)})" if stage.resumed else "",
         )
         self.op_kwargs = {**self.op_kwargs, "stage": stage}

@@ -94,8 +94,12 @@ class AirflowEnv:
     def cli(self, *args: str, timeout: float = 180, check: bool = True) -> str:
         """Run ``airflow ARGS`` with this deployment's environment; returns stdout."""
         proc = subprocess.run(
-            [_airflow_bin(), *args], env=self.env, capture_output=True, text=True,
-            timeout=timeout, cwd=self.home,
+            [_airflow_bin(), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.home,
         )
         if check and proc.returncode:
             raise RuntimeError(
@@ -110,13 +114,15 @@ class AirflowEnv:
         for name in components:
             out = open(logs / f"{name}.out", "ab")
             self.procs[name] = subprocess.Popen(
-                [_airflow_bin(), name], env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                cwd=self.home, start_new_session=True,
+                [_airflow_bin(), name],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=self.home,
+                start_new_session=True,
             )
             out.close()
-        _wait(
-            lambda: _port_open(self.api_port) or self._dead(), 180, "the Airflow API server"
-        )
+        _wait(lambda: _port_open(self.api_port) or self._dead(), 180, "the Airflow API server")
         self._check_alive()
 
     def _dead(self) -> list[str]:
@@ -339,8 +345,12 @@ def local_airflow(
     os.environ.update(new)
     try:
         proc = subprocess.run(
-            [_airflow_bin(), "db", "migrate"], env=dict(os.environ), capture_output=True,
-            text=True, timeout=300, cwd=home,
+            [_airflow_bin(), "db", "migrate"],
+            env=dict(os.environ),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=home,
         )
         if proc.returncode:
             raise RuntimeError(f"'airflow db migrate' failed:\n{proc.stderr[-3000:]}")
@@ -413,7 +423,8 @@ def _tries(af: AirflowEnv, run_id: str, task_id: str) -> list[dict[str, Any]]:
     rows = af.query(
         f"SELECT {cols} FROM task_instance_history WHERE run_id = :r AND task_id = :t "
         f"UNION ALL SELECT {cols} FROM task_instance WHERE run_id = :r AND task_id = :t",
-        r=run_id, t=task_id,
+        r=run_id,
+        t=task_id,
     )
     return sorted(rows, key=lambda r: (r["map_index"], r["try_number"]))
 
@@ -427,9 +438,18 @@ class _Killer:
     task (the task could finish before the signal arrives).
     """
 
-    def __init__(self, out: StageOutcome, journal: str, kills: int, seed: int, t0: float,
-                 gap: tuple[int, int], last_unit: Callable[[list[str]], bool],
-                 label: Callable[[list[str]], str], log: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        out: StageOutcome,
+        journal: str,
+        kills: int,
+        seed: int,
+        t0: float,
+        gap: tuple[int, int],
+        last_unit: Callable[[list[str]], bool],
+        label: Callable[[list[str]], str],
+        log: Callable[[str], None],
+    ) -> None:
         self.out, self.journal, self.kills, self.t0, self.gap = out, journal, kills, t0, gap
         self.last_unit, self.label, self.log = last_unit, label, log
         self.rnd = random.Random(seed)
@@ -458,16 +478,24 @@ class _Killer:
             self.killed.add(pid)
             self.recovering.append((self.label(line), pid, t, len(lines)))
             detail = f"{self.label(line)}: pid {pid} during {' '.join(line[:-1])}"
-            self.out.timeline.append({"t": round(t - self.t0, 3), "event": "kill",
-                                      "detail": detail})
-            self.log(f"{self.out.name}: SIGKILLed task process {pid} of {detail.split(':')[0]} "
-                     f"(kill {self.out.kills} of {self.kills})")
+            self.out.timeline.append(
+                {"t": round(t - self.t0, 3), "event": "kill", "detail": detail}
+            )
+            self.log(
+                f"{self.out.name}: SIGKILLed task process {pid} of {detail.split(':')[0]} "
+                f"(kill {self.out.kills} of {self.kills})"
+            )
         self.target = len(lines) + self.rnd.randint(*self.gap)
 
 
 def _run_stage(
-    af: AirflowEnv, out: StageOutcome, dag_id: str, task_id: str, conf: dict[str, Any],
-    killer_args: dict[str, Any], timeout: float,
+    af: AirflowEnv,
+    out: StageOutcome,
+    dag_id: str,
+    task_id: str,
+    conf: dict[str, Any],
+    killer_args: dict[str, Any],
+    timeout: float,
 ) -> str:
     """Trigger ``dag_id``, kill its ``task_id`` processes while it runs; returns the run id."""
     af.wait_parsed(dag_id, timeout=240)
@@ -510,13 +538,15 @@ def _run_stage(
         if start is None:
             continue
         idx = f"[{t['map_index']}]" if t["map_index"] >= 0 else ""
-        out.timeline.append({
-            "t": round(max(0.0, start - wall0), 3),
-            "event": "attempt",
-            "detail": f"{task_id}{idx} try {t['try_number']}",
-            "end": round((end if end is not None else time.time()) - wall0, 3),
-            "killed": t["state"] != "success",
-        })
+        out.timeline.append(
+            {
+                "t": round(max(0.0, start - wall0), 3),
+                "event": "attempt",
+                "detail": f"{task_id}{idx} try {t['try_number']}",
+                "end": round((end if end is not None else time.time()) - wall0, 3),
+                "killed": t["state"] != "success",
+            }
+        )
     out.timeline.sort(key=lambda e: e["t"])
     return run_id
 
@@ -551,19 +581,32 @@ def run_demo(
     units = (cfg.rows + cfg.chunk - 1) // cfg.chunk
     lo = cfg.every_steps + 1
     train_gap = (lo, max(lo, cfg.steps // (cfg.kills + 1)))
-    log("airflow: migrating a fresh metadata DB and starting scheduler, API server, "
-        "DAG processor")
+    log("airflow: migrating a fresh metadata DB and starting scheduler, API server, DAG processor")
     with airflow_env(home / "home", env=env) as af:
         log(f"airflow: API server on {af.api_url}")
         etl = StageOutcome("etl")
         _run_stage(
-            af, etl, "faultkit_etl", "load",
-            {"partitions": cfg.partitions, "rows": cfg.rows, "chunk": cfg.chunk,
-             "seed": cfg.seed, "unit_delay": cfg.unit_delay, "table": TABLE,
-             "journal": etl_journal},
-            {"kills": cfg.kills, "seed": cfg.seed, "log": log, "gap": (1, 4),
-             "last_unit": lambda line: int(line[2]) >= units - 1,
-             "label": lambda line: f"load[{line[1]}]"},
+            af,
+            etl,
+            "faultkit_etl",
+            "load",
+            {
+                "partitions": cfg.partitions,
+                "rows": cfg.rows,
+                "chunk": cfg.chunk,
+                "seed": cfg.seed,
+                "unit_delay": cfg.unit_delay,
+                "table": TABLE,
+                "journal": etl_journal,
+            },
+            {
+                "kills": cfg.kills,
+                "seed": cfg.seed,
+                "log": log,
+                "gap": (1, 4),
+                "last_unit": lambda line: int(line[2]) >= units - 1,
+                "label": lambda line: f"load[{line[1]}]",
+            },
             timeout=900,
         )
         etl.units_total = cfg.partitions * units
@@ -571,20 +614,35 @@ def run_demo(
 
         train = StageOutcome("train")
         run_id = _run_stage(
-            af, train, "faultkit_train", "train",
-            {"steps": cfg.steps, "every_steps": cfg.every_steps, "seed": cfg.seed,
-             "step_delay": cfg.step_delay, "verify": False, "journal": train_journal},
+            af,
+            train,
+            "faultkit_train",
+            "train",
+            {
+                "steps": cfg.steps,
+                "every_steps": cfg.every_steps,
+                "seed": cfg.seed,
+                "step_delay": cfg.step_delay,
+                "verify": False,
+                "journal": train_journal,
+            },
             # Past a snapshot, so each retry has one to resume from.
-            {"kills": cfg.kills, "seed": cfg.seed + 1, "log": log, "gap": train_gap,
-             "last_unit": lambda line: int(line[1]) >= cfg.steps - 2,
-             "label": lambda line: "train"},
+            {
+                "kills": cfg.kills,
+                "seed": cfg.seed + 1,
+                "log": log,
+                "gap": train_gap,
+                "last_unit": lambda line: int(line[1]) >= cfg.steps - 2,
+                "label": lambda line: "train",
+            },
             timeout=900,
         )
         train.units_total = cfg.steps
         train.units_redone = len(_journal_lines(train_journal)) - cfg.steps
         rows = af.query(
             "SELECT value FROM xcom WHERE run_id = :r AND task_id = 'train' "
-            "AND key = 'return_value'", r=run_id,
+            "AND key = 'return_value'",
+            r=run_id,
         )
         digest = json.loads(rows[0]["value"]) if rows else ""
     return {"etl": etl, "train": train, "digest": digest}

@@ -52,14 +52,25 @@ def etl_task(
     """One ETL partition as a Dask task (wrapped with ``resumable``)."""
     _journal(journal, f"attempt {partition} {stage.epoch}")
     return etl_partition(
-        stage, partition, sink_url, rows=rows, chunk=chunk, seed=seed, unit_delay=unit_delay,
+        stage,
+        partition,
+        sink_url,
+        rows=rows,
+        chunk=chunk,
+        seed=seed,
+        unit_delay=unit_delay,
         on_unit=lambda u: _journal(journal, f"etl {partition} {u}"),
     )
 
 
 def train_task(
-    steps: int, every_steps: int, seed: int, step_delay: float, journal: str | None,
-    *, stage: Any,
+    steps: int,
+    every_steps: int,
+    seed: int,
+    step_delay: float,
+    journal: str | None,
+    *,
+    stage: Any,
 ) -> str:
     """The training stage as a Dask task; returns the sha256 of the final weights."""
     from ._train import train
@@ -68,8 +79,9 @@ def train_task(
     extra: dict[str, Any] = {}
     if journal:
         extra["on_step"] = lambda s: _journal(journal, f"step {s}")
-    return train(stage, steps=steps, every_steps=every_steps, seed=seed, step_delay=step_delay,
-                 **extra)
+    return train(
+        stage, steps=steps, every_steps=every_steps, seed=seed, step_delay=step_delay, **extra
+    )
 
 
 def run_etl_on_dask(
@@ -96,8 +108,9 @@ def run_etl_on_dask(
     parts = list(range(partitions)) if isinstance(partitions, int) else list(partitions)
     task = resumable(etl_task, store=store_url)
     futures = [
-        client.submit(task, p, sink_url, rows, chunk, seed, unit_delay, journal,
-                      key=f"etl-{run_id}-p{p:03d}")
+        client.submit(
+            task, p, sink_url, rows, chunk, seed, unit_delay, journal, key=f"etl-{run_id}-p{p:03d}"
+        )
         for p in parts
     ]
     return client.gather(futures) if wait else futures
@@ -122,8 +135,15 @@ def run_train_on_dask(
     """
     from dask_plugins import resumable
 
-    fut = client.submit(resumable(train_task, store=store_url), steps, every_steps, seed,
-                        step_delay, journal, key=f"train-{run_id}")
+    fut = client.submit(
+        resumable(train_task, store=store_url),
+        steps,
+        every_steps,
+        seed,
+        step_delay,
+        journal,
+        key=f"train-{run_id}",
+    )
     return fut.result() if wait else fut
 
 
@@ -165,8 +185,16 @@ def kill_worker_running(
 
 
 def _kills(
-    client: Any, keys: list[str], journal: str, prefix: str, kills: int, seed: int,
-    out: StageOutcome, t0: float, log: Callable[[str], None], done: Callable[[], bool],
+    client: Any,
+    keys: list[str],
+    journal: str,
+    prefix: str,
+    kills: int,
+    seed: int,
+    out: StageOutcome,
+    t0: float,
+    log: Callable[[str], None],
+    done: Callable[[], bool],
     workers: int,
 ) -> None:
     rnd = random.Random(seed)
@@ -186,8 +214,9 @@ def _kills(
             return
         t_kill = time.monotonic()
         out.kills += 1
-        out.timeline.append({"t": round(t_kill - t0, 3), "event": "kill",
-                             "detail": f"{key} on pid {pid}"})
+        out.timeline.append(
+            {"t": round(t_kill - t0, 3), "event": "kill", "detail": f"{key} on pid {pid}"}
+        )
         log(f"{out.name}: SIGKILLed worker {addr} (pid {pid}) running {key} (kill {i + 1})")
         n = journal_count(journal, prefix)
         while journal_count(journal, prefix) <= n and not done():
@@ -199,8 +228,9 @@ def _kills(
         client.wait_for_workers(workers, timeout=120)
 
 
-def run_demo(cfg: DemoConfig, alert: Callable[[Event], object],
-             log: Callable[[str], None]) -> dict[str, Any]:
+def run_demo(
+    cfg: DemoConfig, alert: Callable[[Event], object], log: Callable[[str], None]
+) -> dict[str, Any]:
     """The ``dask`` engine of ``faultkit demo``: a LocalCluster whose workers get SIGKILLed.
 
     Alerts come from :class:`~dask_plugins.WorkerLossPlugin` (one per lost worker) on
@@ -221,21 +251,48 @@ def run_demo(cfg: DemoConfig, alert: Callable[[Event], object],
     quiet = {"distributed.deploy.lost-worker-timeout": "1h", "logging.distributed": "error"}
     for name in ("distributed", "distributed.scheduler", "distributed.nanny"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    with dask.config.set(quiet), LocalCluster(
-        n_workers=cfg.workers, threads_per_worker=1, processes=True, dashboard_address=None,
-        silence_logs=logging.ERROR,
-    ) as cluster, Client(cluster) as client:
+    with (
+        dask.config.set(quiet),
+        LocalCluster(
+            n_workers=cfg.workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         client.register_plugin(WorkerLossPlugin(cfg.alert_urls, cfg.store_url))
         client.register_plugin(CheckpointPlugin(cfg.store_url))
 
         etl = StageOutcome("etl")
         t0 = time.monotonic()
-        futs = run_etl_on_dask(client, cfg.store_url, cfg.sink_url, cfg.partitions, cfg.rows,
-                               chunk=cfg.chunk, seed=cfg.seed, unit_delay=cfg.unit_delay,
-                               journal=etl_journal, wait=False)
+        futs = run_etl_on_dask(
+            client,
+            cfg.store_url,
+            cfg.sink_url,
+            cfg.partitions,
+            cfg.rows,
+            chunk=cfg.chunk,
+            seed=cfg.seed,
+            unit_delay=cfg.unit_delay,
+            journal=etl_journal,
+            wait=False,
+        )
         keys = [f.key for f in futs]
-        _kills(client, keys, etl_journal, "etl ", cfg.kills, cfg.seed, etl, t0, log,
-               lambda: all(f.done() for f in futs), cfg.workers)
+        _kills(
+            client,
+            keys,
+            etl_journal,
+            "etl ",
+            cfg.kills,
+            cfg.seed,
+            etl,
+            t0,
+            log,
+            lambda: all(f.done() for f in futs),
+            cfg.workers,
+        )
         client.gather(futs)
         etl.seconds = time.monotonic() - t0
         etl.units_total = cfg.partitions * ((cfg.rows + cfg.chunk - 1) // cfg.chunk)
@@ -244,11 +301,29 @@ def run_demo(cfg: DemoConfig, alert: Callable[[Event], object],
 
         train = StageOutcome("train")
         t0 = time.monotonic()
-        fut = run_train_on_dask(client, cfg.store_url, steps=cfg.steps,
-                                every_steps=cfg.every_steps, seed=cfg.seed,
-                                step_delay=cfg.step_delay, journal=train_journal, wait=False)
-        _kills(client, [fut.key], train_journal, "step ", cfg.kills, cfg.seed + 1, train, t0,
-               log, fut.done, cfg.workers)
+        fut = run_train_on_dask(
+            client,
+            cfg.store_url,
+            steps=cfg.steps,
+            every_steps=cfg.every_steps,
+            seed=cfg.seed,
+            step_delay=cfg.step_delay,
+            journal=train_journal,
+            wait=False,
+        )
+        _kills(
+            client,
+            [fut.key],
+            train_journal,
+            "step ",
+            cfg.kills,
+            cfg.seed + 1,
+            train,
+            t0,
+            log,
+            fut.done,
+            cfg.workers,
+        )
         digest = fut.result()
         train.seconds = time.monotonic() - t0
         train.units_total = cfg.steps

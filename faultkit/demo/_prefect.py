@@ -178,7 +178,10 @@ class PrefectStack:
         cmd = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
         with self._log("server.log") as out:
             self.server = subprocess.Popen(
-                cmd, env=self.env(), stdout=out, stderr=subprocess.STDOUT,
+                cmd,
+                env=self.env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
 
@@ -206,9 +209,12 @@ class PrefectStack:
         fields: dict[str, Any] = {"attempts": 3, "wait_initial": 0.5, "wait_jitter": 0.0}
         if p is not None:
             fields = {
-                "attempts": p.attempts, "timeout": p.timeout or 1e9,
-                "wait_initial": p.wait_initial, "wait_max": p.wait_max,
-                "wait_exp_base": p.wait_exp_base, "wait_jitter": p.wait_jitter,
+                "attempts": p.attempts,
+                "timeout": p.timeout or 1e9,
+                "wait_initial": p.wait_initial,
+                "wait_max": p.wait_max,
+                "wait_exp_base": p.wait_exp_base,
+                "wait_jitter": p.wait_jitter,
                 "infra_attempts": p.infra_attempts,
             }
         RetryPolicyBlock(retry_on=["infrastructure"], **fields).save(BLOCK, overwrite=True)
@@ -219,8 +225,11 @@ class PrefectStack:
         with self._log(f"serve-{self._serves}.log") as out:
             self.serving = subprocess.Popen(
                 [sys.executable, str(flows_dir() / "serve.py")],
-                env=self.env(), cwd=str(flows_dir().parent), stdout=out,
-                stderr=subprocess.STDOUT, start_new_session=True,
+                env=self.env(),
+                cwd=str(flows_dir().parent),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         wait_until(
             lambda: self._deployments_ready(self._serves),
@@ -562,32 +571,59 @@ def run_demo(
     etl_journal = os.path.join(cfg.work_dir, "etl.journal")
     train_journal = os.path.join(cfg.work_dir, "train.journal")
     policy = RetryPolicy(
-        on=ConnectionError, attempts=3, infra_attempts=cfg.kills + 2,
-        wait_initial=0.2, wait_jitter=0.0,
+        on=ConnectionError,
+        attempts=3,
+        infra_attempts=cfg.kills + 2,
+        wait_initial=0.2,
+        wait_jitter=0.0,
     )
     log("starting a Prefect server and serving flows/ (etl, train) ...")
     try:
         with PrefectStack(
-            store_url=cfg.store_url, alert_urls=cfg.alert_urls, retry=policy, workdir=workdir,
+            store_url=cfg.store_url,
+            alert_urls=cfg.alert_urls,
+            retry=policy,
+            workdir=workdir,
             zombies=False,  # only flow-run processes die: their runner reports each crash
         ) as stack:
             log(f"Prefect server at {stack.api_url}; crash-retry budget {cfg.kills + 2} runs")
             etl, _ = _run_stage(
-                stack, cfg, "etl", "faultkit-etl/etl",
+                stack,
+                cfg,
+                "etl",
+                "faultkit-etl/etl",
                 {
-                    "sink_url": cfg.sink_url, "partitions": cfg.partitions, "rows": cfg.rows,
-                    "chunk": cfg.chunk, "seed": cfg.seed, "unit_delay": cfg.unit_delay,
+                    "sink_url": cfg.sink_url,
+                    "partitions": cfg.partitions,
+                    "rows": cfg.rows,
+                    "chunk": cfg.chunk,
+                    "seed": cfg.seed,
+                    "unit_delay": cfg.unit_delay,
                     "journal": etl_journal,
                 },
-                etl_journal, "etl ", cfg.partitions * -(-cfg.rows // cfg.chunk), cfg.seed, log,
+                etl_journal,
+                "etl ",
+                cfg.partitions * -(-cfg.rows // cfg.chunk),
+                cfg.seed,
+                log,
             )
             train, digest = _run_stage(
-                stack, cfg, "train", "faultkit-train/train",
+                stack,
+                cfg,
+                "train",
+                "faultkit-train/train",
                 {
-                    "steps": cfg.steps, "every_steps": cfg.every_steps, "seed": cfg.seed,
-                    "step_delay": cfg.step_delay, "journal": train_journal,
+                    "steps": cfg.steps,
+                    "every_steps": cfg.every_steps,
+                    "seed": cfg.seed,
+                    "step_delay": cfg.step_delay,
+                    "journal": train_journal,
                 },
-                train_journal, "step ", cfg.steps, cfg.seed + 1, log,
+                train_journal,
+                "step ",
+                cfg.steps,
+                cfg.seed + 1,
+                log,
             )
     except BaseException:
         _keep_logs(workdir, cfg.out)

@@ -304,7 +304,9 @@ class TrainingCheckpointer:
         self.close()
         log.warning(
             "stage %s: SIGTERM received; saved step %d and exiting with status %d",
-            self.stage.key, step, self.exit_code,
+            self.stage.key,
+            step,
+            self.exit_code,
         )
         raise SystemExit(self.exit_code)
 
@@ -493,4 +495,3 @@ class TrainingCheckpointer:
                 return None
             return decode(blobs[w.rank].numpy().tobytes())
         return tree.get("local") if w.rank == 0 or saved == 1 else None
-

@@ -51,8 +51,9 @@ class World:
         padded = torch.zeros(width, dtype=torch.uint8, device=self.device)
         padded[: blob.numel()] = blob.to(self.device)
         if self.rank == 0:
-            out = [torch.empty(width, dtype=torch.uint8, device=self.device)
-                   for _ in range(self.size)]
+            out = [
+                torch.empty(width, dtype=torch.uint8, device=self.device) for _ in range(self.size)
+            ]
             dist.gather(padded, out, dst=0)
             return [o[:n].cpu() for o, n in zip(out, lengths, strict=True)]
         dist.gather(padded, None, dst=0)

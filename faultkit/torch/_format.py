@@ -44,9 +44,25 @@ _DTYPES: dict[str, torch.dtype] = {
     for dt in (
         getattr(torch, name, None)
         for name in (
-            "float64", "float32", "float16", "bfloat16", "complex128", "complex64",
-            "int64", "int32", "int16", "int8", "uint8", "uint16", "uint32", "uint64", "bool",
-            "float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz", "float8_e5m2fnuz",
+            "float64",
+            "float32",
+            "float16",
+            "bfloat16",
+            "complex128",
+            "complex64",
+            "int64",
+            "int32",
+            "int16",
+            "int8",
+            "uint8",
+            "uint16",
+            "uint32",
+            "uint64",
+            "bool",
+            "float8_e4m3fn",
+            "float8_e5m2",
+            "float8_e4m3fnuz",
+            "float8_e5m2fnuz",
         )
     )
     if isinstance(dt, torch.dtype)
@@ -162,7 +178,9 @@ class _Encoder:
                 arr = np.ascontiguousarray(obj)
                 t = torch.from_numpy(arr.reshape(-1).view(np.uint8))
                 return {
-                    TAG: "ndarray", "i": self.tensor(t, path), "dtype": arr.dtype.str,
+                    TAG: "ndarray",
+                    "i": self.tensor(t, path),
+                    "dtype": arr.dtype.str,
                     "shape": list(arr.shape),
                 }
             if isinstance(obj, np.generic) and obj.dtype.kind in "biuf":
@@ -175,16 +193,14 @@ class _Encoder:
             return {TAG: "tuple", "v": [int(v) for v in obj]}
         if isinstance(obj, dict) and type(obj) in (dict, collections.OrderedDict):
             meta = getattr(obj, "_metadata", None)
-            if (
-                type(obj) is dict
-                and all(type(k) is str for k in obj)
-                and TAG not in obj
-            ):
+            if type(obj) is dict and all(type(k) is str for k in obj) and TAG not in obj:
                 return {k: self.enc(v, f"{path}[{k!r}]") for k, v in obj.items()}
             out: dict[str, Any] = {
                 TAG: "odict" if type(obj) is collections.OrderedDict else "dict",
-                "v": [[self.enc(k, f"{path} key"), self.enc(v, f"{path}[{k!r}]")]
-                      for k, v in obj.items()],
+                "v": [
+                    [self.enc(k, f"{path} key"), self.enc(v, f"{path}[{k!r}]")]
+                    for k, v in obj.items()
+                ],
             }
             if meta is not None:
                 out["meta"] = self.enc(meta, f"{path}._metadata")

@@ -46,7 +46,9 @@ def restore(state: dict[str, Any]) -> None:
             log.warning(
                 "the snapshot has CUDA RNG states for %d device(s), this process sees %d; "
                 "restoring the first %d",
-                len(cuda), torch.cuda.device_count(), min(len(cuda), torch.cuda.device_count()),
+                len(cuda),
+                torch.cuda.device_count(),
+                min(len(cuda), torch.cuda.device_count()),
             )
         for i, s in enumerate(cuda[: torch.cuda.device_count()]):
             torch.cuda.set_rng_state(s.clone(), i)

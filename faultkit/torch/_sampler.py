@@ -47,8 +47,8 @@ class ResumableSampler(Sampler[int]):
         if num_replicas is None or rank is None:
             dist = torch.distributed
             on = dist.is_available() and dist.is_initialized()
-            num_replicas = num_replicas if num_replicas is not None else (
-                dist.get_world_size() if on else 1
+            num_replicas = (
+                num_replicas if num_replicas is not None else (dist.get_world_size() if on else 1)
             )
             rank = rank if rank is not None else (dist.get_rank() if on else 0)
         if not 0 <= rank < num_replicas:

@@ -36,8 +36,11 @@ def main() -> None:
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     base = dist.TCPStore(
-        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
-        is_master=not agent_store and rank == 0, multi_tenant=not agent_store,
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=not agent_store and rank == 0,
+        multi_tenant=not agent_store,
     )
     # Keys of a killed attempt stay in the agent's store; without a per-attempt prefix gloo of
     # the restarted group can read the dead peers' addresses and fail to connect.
@@ -76,8 +79,14 @@ def main() -> None:
     store = CheckpointStore(url)
     stage = store.stage(key)  # rank 0's checkpointer claims it; the others only read
     with TrainingCheckpointer(
-        stage, model=model, optimizer=opt, scheduler=sched, extra={"sampler": sampler},
-        every_steps=every, keep=2, async_save=True,
+        stage,
+        model=model,
+        optimizer=opt,
+        scheduler=sched,
+        extra={"sampler": sampler},
+        every_steps=every,
+        keep=2,
+        async_save=True,
     ) as ckpt:
         start = ckpt.restore()
         say("start", start)
@@ -105,8 +114,14 @@ def main() -> None:
         if steps > start and ckpt.last_saved_step != steps - 1:
             ckpt.save(steps - 1, wait=True)
             say("save", steps - 1)
-    say("result", {"start": start, "model": weights_digest(model.state_dict()),
-                   "optimizer": weights_digest(opt.state_dict())})
+    say(
+        "result",
+        {
+            "start": start,
+            "model": weights_digest(model.state_dict()),
+            "optimizer": weights_digest(opt.state_dict()),
+        },
+    )
     dist.barrier()
     dist.destroy_process_group()
 

@@ -41,8 +41,13 @@ def child(job: dict, plan: dict | None, wfd: int) -> None:
     store = CheckpointStore(job["store"])
     with store.stage(job["key"]) as stage:
         out = _run(
-            stage, steps=job["steps"], every_steps=job["every"], seed=job["seed"],
-            step_delay=job["delay"], async_save=job["async"], keep=2,
+            stage,
+            steps=job["steps"],
+            every_steps=job["every"],
+            seed=job["seed"],
+            step_delay=job["delay"],
+            async_save=job["async"],
+            keep=2,
             on_event=lambda event, step: say(event, step),
         )
     say("result", out)
@@ -79,8 +84,13 @@ def incarnation(job: dict, plan: dict | None) -> dict:
             for line in lines:
                 ev = json.loads(line)
                 events.append(ev)
-                if (plan and plan["kind"] == "time" and kill_at is None and ev[0] == "step"
-                        and ev[1] >= plan["step"]):
+                if (
+                    plan
+                    and plan["kind"] == "time"
+                    and kill_at is None
+                    and ev[0] == "step"
+                    and ev[1] >= plan["step"]
+                ):
                     kill_at = time.monotonic() + plan["after"]
         if kill_at is not None and not killed and time.monotonic() >= kill_at:
             os.kill(pid, signal.SIGKILL)  # our own child, not yet reaped: cannot be reused
