@@ -84,8 +84,11 @@ class Storage(ABC):
     url: str
 
     @abstractmethod
-    def create(self, path: str, data: bytes) -> None:
-        """Write ``data`` at ``path`` durably and atomically if ``path`` is absent.
+    def create(self, path: str, data: bytes, *, durable: bool = True) -> None:
+        """Write ``data`` at ``path`` atomically if ``path`` is absent; durably unless told not.
+
+        ``durable=False`` skips the fsyncs where the backend has them: for hints that are
+        rebuilt when missing (the key index), never for commits.
 
         Raises:
             FileExistsError: ``path`` already exists; nothing was written.
@@ -186,7 +189,7 @@ class LocalStorage(Storage):
         finally:
             os.close(fd)
 
-    def _publish(self, tmp: str, full: str) -> None:
+    def _publish(self, tmp: str, full: str, durable: bool = True) -> None:
         parent = self._parent(full)
         try:
             try:
@@ -199,9 +202,10 @@ class LocalStorage(Storage):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
         _failpoints.hit("storage.linked")
-        self._fsync_dir(parent)
+        if durable:
+            self._fsync_dir(parent)
 
-    def create(self, path: str, data: bytes) -> None:
+    def create(self, path: str, data: bytes, *, durable: bool = True) -> None:
         full = self._abs(path)
         tmp = self._tmp_path()
         try:
@@ -210,11 +214,12 @@ class LocalStorage(Storage):
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
-                os.fsync(fd)
+                if durable:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             _failpoints.hit("storage.tmp_written")
-            self._publish(tmp, full)
+            self._publish(tmp, full, durable)
         except FileExistsError:
             raise
         except OSError as exc:
@@ -332,7 +337,7 @@ class MemoryStorage(Storage):
                 if not children:
                     del self._tree[folder]
 
-    def create(self, path: str, data: bytes) -> None:
+    def create(self, path: str, data: bytes, *, durable: bool = True) -> None:
         _check_rel(path)
         with self._spaces_lock:
             if path in self._objs:
@@ -385,7 +390,7 @@ class FsspecStorage(Storage):
     def _abs(self, path: str) -> str:
         return f"{self.root}/{_check_rel(path)}" if path else self.root
 
-    def create(self, path: str, data: bytes) -> None:
+    def create(self, path: str, data: bytes, *, durable: bool = True) -> None:
         try:
             self.fs.pipe_file(self._abs(path), bytes(data), mode="create")
         except FileExistsError:

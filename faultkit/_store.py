@@ -211,11 +211,13 @@ class Stage:
             self._epoch = epoch
             self._claimed_at = now
             index = f"{INDEX}/{self.key.replace('/', '@')}"
-            try:  # a stat, not a create: retries should not pay an fsync for the index
+            # The index is a listing hint for keys(): a stat, not a create, on retries, and
+            # no fsync when it is made (a claim that finds it missing makes it again).
+            try:
                 self._storage.info(index)
             except FileNotFoundError:
                 with contextlib.suppress(FileExistsError):
-                    self._storage.create(index, b"")
+                    self._storage.create(index, b"", durable=False)
             v = self._view
             if self.resumed:
                 live = v.live_snaps()
