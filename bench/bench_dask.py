@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -115,6 +116,8 @@ def main() -> dict[str, Any]:
     import dask
     from distributed import Client, LocalCluster
 
+    # Worker restarts are expected here; their log lines would bury the numbers.
+    logging.getLogger("distributed").setLevel(logging.ERROR)
     n = int(os.environ.get("BENCH_DASK_TASKS", "5000"))
     rounds = int(os.environ.get("BENCH_DASK_ROUNDS", "1"))
     tmp = tempfile.mkdtemp(prefix="bench-dask-")
@@ -122,7 +125,11 @@ def main() -> dict[str, Any]:
         with (
             dask.config.set({"distributed.deploy.lost-worker-timeout": "1h"}),
             LocalCluster(
-                n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+                n_workers=2,
+                threads_per_worker=1,
+                processes=True,
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
             ) as cluster,
             Client(cluster) as client,
         ):
