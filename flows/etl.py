@@ -15,7 +15,7 @@ from typing import Any
 from prefect import flow
 
 from faultkit import demo
-from faultkit.demo._jobs import _journal
+from faultkit.demo._jobs import append_journal
 from prefect_blocks import alert_hooks, resumable_task
 
 BLOCK = "faultkit-demo"
@@ -45,7 +45,7 @@ def etl_partition(
         chunk=chunk,
         seed=seed,
         unit_delay=unit_delay,
-        on_unit=lambda u: _journal(journal, f"etl {partition} {u}"),
+        on_unit=lambda u: append_journal(journal, f"etl {partition} {u}"),
     )
 
 

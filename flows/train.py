@@ -11,7 +11,7 @@ from typing import Any
 from prefect import flow
 
 from faultkit import demo
-from faultkit.demo._jobs import _journal
+from faultkit.demo._jobs import append_journal
 from prefect_blocks import alert_hooks, resumable_task
 
 BLOCK = "faultkit-demo"
@@ -32,7 +32,7 @@ def train_model(
         every_steps=every_steps,
         seed=seed,
         step_delay=step_delay,
-        on_step=lambda s: _journal(journal, f"step {s}"),
+        on_step=lambda s: append_journal(journal, f"step {s}"),
     )
 
 

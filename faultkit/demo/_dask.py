@@ -16,7 +16,7 @@ from typing import Any
 
 from .._events import Event
 from ._etl import etl_partition
-from ._jobs import journal_count
+from ._jobs import append_journal, journal_count
 from ._model import DemoConfig, StageOutcome
 
 __all__ = [
@@ -27,15 +27,6 @@ __all__ = [
     "run_train_on_dask",
     "train_task",
 ]
-
-
-def _journal(path: str | None, line: str) -> None:
-    if path:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, (line + "\n").encode())
-        finally:
-            os.close(fd)
 
 
 def etl_task(
@@ -50,7 +41,7 @@ def etl_task(
     stage: Any,
 ) -> dict[str, Any]:
     """One ETL partition as a Dask task (wrapped with ``resumable``)."""
-    _journal(journal, f"attempt {partition} {stage.epoch}")
+    append_journal(journal, f"attempt {partition} {stage.epoch}")
     return etl_partition(
         stage,
         partition,
@@ -59,7 +50,7 @@ def etl_task(
         chunk=chunk,
         seed=seed,
         unit_delay=unit_delay,
-        on_unit=lambda u: _journal(journal, f"etl {partition} {u}"),
+        on_unit=lambda u: append_journal(journal, f"etl {partition} {u}"),
     )
 
 
@@ -75,10 +66,10 @@ def train_task(
     """The training stage as a Dask task; returns the sha256 of the final weights."""
     from ._train import train
 
-    _journal(journal, f"attempt train {stage.epoch}")
+    append_journal(journal, f"attempt train {stage.epoch}")
     extra: dict[str, Any] = {}
     if journal:
-        extra["on_step"] = lambda s: _journal(journal, f"step {s}")
+        extra["on_step"] = lambda s: append_journal(journal, f"step {s}")
     return train(
         stage, steps=steps, every_steps=every_steps, seed=seed, step_delay=step_delay, **extra
     )

@@ -11,14 +11,23 @@ import sqlalchemy as sa
 from .._store import CheckpointStore
 from ._etl import TABLE, etl_partition, generate_orders
 
-__all__ = ["etl_job", "etl_key", "journal_count", "plain_etl", "table_digest", "train_job"]
+__all__ = [
+    "append_journal",
+    "etl_job",
+    "etl_key",
+    "journal_count",
+    "plain_etl",
+    "table_digest",
+    "train_job",
+]
 
 
 def etl_key(partition: int) -> str:
     return f"demo/etl/p{partition:03d}"
 
 
-def _journal(path: str | None, line: str) -> None:
+def append_journal(path: str | None, line: str) -> None:
+    """Append one line to the demo's work journal (O_APPEND: lines from processes never mix)."""
     if path:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
@@ -59,7 +68,7 @@ def etl_job(
                 chunk=chunk,
                 seed=seed,
                 unit_delay=unit_delay,
-                on_unit=lambda u, p=p: _journal(journal, f"etl {p} {u}"),
+                on_unit=lambda u, p=p: append_journal(journal, f"etl {p} {u}"),
             )
             written += res["units_written"]
     return {"units_written": written}
@@ -79,14 +88,14 @@ def train_job(
 
     store = CheckpointStore(store_url)
     with store.stage(key) as stage:
-        _journal(journal, f"attempt {stage.epoch}")
+        append_journal(journal, f"attempt {stage.epoch}")
         return train(
             stage,
             steps=steps,
             every_steps=every_steps,
             seed=seed,
             step_delay=step_delay,
-            on_step=lambda s: _journal(journal, f"step {s}"),
+            on_step=lambda s: append_journal(journal, f"step {s}"),
         )
 
 
