@@ -8,7 +8,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,17 +164,25 @@ class Stage:
         )
         return err
 
-    def _append(self, body: dict[str, Any], *, fenced: bool = True, unit: str | None = None) -> int:
-        """Create the next record; returns its seq, or 0 when ``unit`` is already done."""
+    def _append(
+        self,
+        body: dict[str, Any],
+        *,
+        fenced: bool = True,
+        redundant: Callable[[View], bool] | None = None,
+    ) -> int:
+        """Create the next record; returns its seq, or 0 when ``redundant(view)`` says it is
+        already there (a unit done, the stage finished) by the time it would be written."""
         data = encode(body)
-        what = (
-            f"done({body['u']!r})" if unit is not None else f"{body['t']}(step={body.get('step')})"
+        kind = body["t"]
+        what = {"done": f"done({body.get('u')!r})", "fin": "finish()"}.get(
+            kind, f"{kind}(step={body.get('step')})"
         )
         while True:
             v = self._view
             if fenced and v.epoch > self._epoch:
                 raise self._stale(what)
-            if unit is not None and unit in v.units:
+            if redundant is not None and redundant(v):
                 return 0
             seq = v.cursor + 1
             _failpoints.hit("log.before_create")
@@ -303,7 +311,7 @@ class Stage:
         uid = unit_id(check_unit(unit))
         body = {"t": "done", "e": self._epoch, "id": uid, "u": unit, "r": result, "ts": time.time()}
         with self._lock:
-            seq = self._append(body, unit=uid)
+            seq = self._append(body, redundant=lambda v: uid in v.units)
         if seq:
             _failpoints.hit("done.committed")
         return bool(seq)
@@ -320,19 +328,7 @@ class Stage:
         self._require_claim()
         body = {"t": "fin", "e": self._epoch, "r": result, "ts": time.time()}
         with self._lock:
-            while True:
-                if self._view.epoch > self._epoch:
-                    raise self._stale("finish()")
-                if self._view.finished is not None:
-                    return False
-                seq = self._view.cursor + 1
-                try:
-                    self._storage.create(f"{self._dir}/{seq_name(seq)}", encode(body))
-                except FileExistsError:
-                    self._catch_up()
-                    continue
-                self._view.apply(seq, body)
-                return True
+            return bool(self._append(body, redundant=lambda v: v.finished is not None))
 
     @property
     def finished(self) -> bool:
