@@ -44,6 +44,18 @@ def _stateful(name: str, obj: Any) -> Any:
     return obj
 
 
+def _storage_ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _copy(enc: Encoded, staging: torch.Tensor, pick: Any) -> None:
+    """Copy the tensors of ``enc`` for which ``pick(t)`` holds into ``staging``."""
+    for t, off in zip(enc.tensors, enc.offsets, strict=True):
+        nbytes = t.numel() * t.element_size()
+        if nbytes and pick(t):
+            staging[off : off + nbytes].view(t.dtype).view(t.shape).copy_(t.detach())
+
+
 def _sole_owner(data: Any) -> bool:
     """True if ``data`` is referenced only by the caller's one variable (CPython)."""
     getrefcount = getattr(sys, "getrefcount", None)
@@ -88,6 +100,9 @@ class TrainingCheckpointer:
         every_seconds: save when this many seconds passed since the last save.
         keep: snapshots to keep (older ones are removed in the background); None keeps all.
         async_save: write in a background thread (the loop pauses only to copy the state).
+            Parameters and optimizer state are copied in the background and the optimizer's
+            next ``step()`` waits for that copy; code that changes parameters in place
+            outside ``optimizer.step()`` should call :meth:`wait` first.
         config_hash: a hash of the run's configuration, recorded and compared on restore.
         save_on_sigterm: on SIGTERM, finish the current step, save, and exit with
             ``exit_code`` (for spot/pod eviction notices). Needs the main thread.
@@ -160,6 +175,12 @@ class TrainingCheckpointer:
         self._pending: Future[None] | None = None
         self._pending_step: int | None = None
         self._staging: torch.Tensor | None = None
+        # Async saves copy parameters and optimizer state in the background; the optimizer's
+        # next step() waits for that copy (they are the only tensors it changes in place).
+        self._copied: threading.Event | None = None
+        self._step_hook: Any = None
+        if async_save and optimizer is not None:
+            self._step_hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
         self._last_step: int | None = None
         self._last_time = time.monotonic()
         self._closed = False
@@ -264,6 +285,9 @@ class TrainingCheckpointer:
             if self._sigterm and self._old_handler is not None:
                 with contextlib.suppress(ValueError):
                     signal.signal(signal.SIGTERM, self._old_handler)
+            if self._step_hook is not None:
+                self._step_hook.remove()
+                self._step_hook = None
             self._staging = None
 
     def __enter__(self) -> TrainingCheckpointer:
@@ -369,12 +393,58 @@ class TrainingCheckpointer:
                 self._submit(self._gc)
             return
         staging = self._staging_for(enc.data_size)
-        enc.copy_into(staging)
+        later = self._deferrable()
+        _copy(enc, staging, lambda t: _storage_ptr(t) not in later)
         pause = time.perf_counter() - t0
-        self.last_save = {"step": step, "bytes": enc.size, "pause_s": pause, "write_s": None}
-        header_only = Encoded(enc.header, [], [], enc.data_size)
+        self.last_save = {
+            "step": step,
+            "bytes": enc.size,
+            "pause_s": pause,
+            "write_s": None,
+            "stall_s": 0.0,
+        }
+        copied = threading.Event()
+        if not later:
+            copied.set()
+        self._copied = copied
         self._pending_step = step
-        self._submit(self._write, header_only, staging, step, meta, t0)
+        self._submit(self._copy_and_write, enc, staging, later, copied, step, meta, t0)
+
+    def _deferrable(self) -> set[int]:
+        """Storages the optimizer alone changes in place: parameters and optimizer state."""
+        if self._step_hook is None or self.optimizer is None:
+            return set()
+        ptrs = {_storage_ptr(p) for g in self.optimizer.param_groups for p in g["params"]}
+        for state in self.optimizer.state.values():
+            ptrs.update(_storage_ptr(v) for v in state.values() if isinstance(v, torch.Tensor))
+        return ptrs
+
+    def _before_optimizer_step(self, *_: Any) -> None:
+        copied = self._copied
+        if copied is not None and not copied.is_set():
+            t0 = time.perf_counter()
+            copied.wait()
+            self.last_save["stall_s"] = self.last_save.get("stall_s", 0.0) + (
+                time.perf_counter() - t0
+            )
+
+    def _copy_and_write(
+        self,
+        enc: Encoded,
+        staging: torch.Tensor,
+        later: set[int],
+        copied: threading.Event,
+        step: int,
+        meta: dict[str, Any],
+        t0: float,
+    ) -> None:
+        try:
+            if later:
+                _copy(enc, staging, lambda t: _storage_ptr(t) in later)
+        finally:
+            copied.set()  # never leave the optimizer waiting, even when the copy failed
+        header_only = Encoded(enc.header, [], [], enc.data_size)
+        self._write(header_only, staging, step, meta, t0)
 
     def _staging_for(self, size: int) -> torch.Tensor:
         # Reused across saves: the next save waits for this one, and fresh memory would cost
