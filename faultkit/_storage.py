@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import mmap
 import os
 import threading
 import time
@@ -254,6 +255,13 @@ class LocalStorage(Storage):
 
     def open_read(self, path: str) -> IO[bytes]:
         return open(self._abs(path), "rb")
+
+    def map_private(self, path: str) -> mmap.mmap:
+        """A private, copy-on-write memory map of the whole object (no copy made)."""
+        with open(self._abs(path), "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                return mmap.mmap(-1, 1, access=mmap.ACCESS_COPY)
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
 
     def list(self, path: str) -> list[str]:
         try:

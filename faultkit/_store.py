@@ -41,7 +41,7 @@ class Snapshot:
         size: bytes.
         checksum: ``"xxh3_128:<hex>"``, verified before this object was returned.
         created: when its record was committed (seconds since the epoch).
-        data: the bytes.
+        data: the bytes (a writable ``memoryview`` when asked for with ``mapped=True``).
     """
 
     key: str
@@ -51,7 +51,7 @@ class Snapshot:
     size: int
     checksum: str
     created: float
-    data: bytes = field(repr=False)
+    data: bytes | memoryview = field(repr=False)
 
 
 def _chunks(data: Any) -> Iterator[memoryview | bytes]:
@@ -395,25 +395,33 @@ class Stage:
         _metrics.observe_save(time.perf_counter() - t0, size)
         return Snapshot(self.key, int(step), self._epoch, meta, size, checksum, now, b"")
 
-    def _read_verified(self, rec: SnapRecord) -> bytes:
+    def _read_verified(self, rec: SnapRecord, mapped: bool = False) -> Any:
         """Read a snapshot whole and check its size and checksum.
 
-        One ``read()`` into a fresh ``bytes`` is as fast as a raw read here (a pre-zeroed
+        One ``read()`` into a fresh ``bytes`` is as fast as a raw read (a pre-zeroed
         ``bytearray`` filled with ``readinto`` costs an extra pass over the memory), and a
-        ``bytes`` nobody else holds lets loaders share it without copying.
+        ``bytes`` nobody else holds lets loaders share it without copying. With ``mapped``
+        on a local store, a private copy-on-write map of the file is verified and returned
+        as a writable ``memoryview`` instead: no copy at all.
         """
         path = f"{self.key}/@blobs/{rec.blob}"
         algo, _, want = rec.checksum.partition(":")
         if algo != "xxh3_128":
             raise CorruptCheckpointError(f"snapshot step {rec.step}: unknown checksum {algo!r}")
         try:
-            with self._storage.open_read(path) as f:
-                data = f.read()
+            if mapped and isinstance(self._storage, LocalStorage):
+                m = self._storage.map_private(path)
+                data: Any = memoryview(m)[: rec.size] if len(m) >= rec.size else memoryview(m)
+                size = len(m) if rec.size else 0
+            else:
+                with self._storage.open_read(path) as f:
+                    data = f.read()
+                size = len(data)
         except FileNotFoundError as exc:
             raise CorruptCheckpointError(f"snapshot step {rec.step}: its data is missing") from exc
-        if len(data) != rec.size:
+        if size != rec.size:
             raise CorruptCheckpointError(
-                f"snapshot step {rec.step}: {len(data)} bytes, expected {rec.size} (truncated "
+                f"snapshot step {rec.step}: {size} bytes, expected {rec.size} (truncated "
                 "or overwritten)"
             )
         h = xxhash.xxh3_128()
@@ -458,11 +466,13 @@ class Stage:
         """Committed snapshot records (not yet verified), oldest first."""
         return self._view.live_snaps()
 
-    def latest(self) -> Snapshot | None:
+    def latest(self, *, mapped: bool = False) -> Snapshot | None:
         """The newest snapshot that verifies, or None.
 
         A corrupt or truncated snapshot is skipped, a ``checkpoint_corrupt`` event is emitted,
-        and the previous valid one is returned.
+        and the previous valid one is returned. ``mapped=True`` asks, on ``file://`` stores,
+        for ``data`` as a writable ``memoryview`` of a private copy-on-write map of the file
+        (for large loaders that would otherwise copy it); elsewhere ``data`` is ``bytes``.
         """
         with self._lock:
             self._catch_up()
@@ -471,7 +481,7 @@ class Stage:
         found: Snapshot | None = None
         for rec in reversed(recs):
             try:
-                data = self._read_verified(rec)
+                data = self._read_verified(rec, mapped)
             except CorruptCheckpointError as exc:
                 bad.append((rec, exc))
                 continue

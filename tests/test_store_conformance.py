@@ -305,3 +305,18 @@ def test_finish_records_the_final_result_once(store):
     with store.stage("f/a") as again:
         assert again.finished and again.final_result == {"rows": 10}
     assert store.finished("f/a") == (True, {"rows": 10})
+
+
+def test_latest_mapped_is_private_and_verified(store):
+    """latest(mapped=True) returns the same verified bytes; writing to them never reaches disk."""
+    payload = os.urandom(100_000)
+    with store.stage("m/a") as st:
+        st.save(b"old", step=1)
+        st.save(payload, step=2)
+        snap = st.latest(mapped=True)
+        assert snap.step == 2 and bytes(snap.data) == payload
+        if isinstance(snap.data, memoryview):  # file:// maps the file copy-on-write
+            snap.data[0] ^= 0xFF
+    assert store.stage("m/a").claim().latest().data == payload
+    _overwrite(store, _blob_path(store, "m/a", 2), payload[:50])
+    assert store.stage("m/a").claim().latest(mapped=True).step == 1

@@ -60,7 +60,10 @@ def _sole_owner(data: Any) -> bool:
     """True if ``data`` is referenced only by the caller's one variable (CPython)."""
     getrefcount = getattr(sys, "getrefcount", None)
     # the caller's variable, this function's argument, getrefcount's argument
-    return getrefcount is not None and type(data) is bytes and getrefcount(data) <= 3
+    if getrefcount is None or getrefcount(data) > 3:
+        return False
+    # bytes nobody else holds, or a writable private (copy-on-write) map of the file
+    return type(data) is bytes or (type(data) is memoryview and not data.readonly)
 
 
 def _is_data_position(obj: Any) -> bool:
@@ -208,7 +211,7 @@ class TrainingCheckpointer:
             CorruptCheckpointError: it is malformed, or ranks see different snapshots.
         """
         self._check_open()
-        snap = self.stage.latest()
+        snap = self.stage.latest(mapped=True)
         step = snap.step if snap is not None else -1
         if self._world.on:
             lo, hi = self._world.min_max(step)
