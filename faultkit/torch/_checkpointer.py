@@ -48,14 +48,6 @@ def _storage_ptr(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
-def _copy(enc: Encoded, staging: torch.Tensor, pick: Any) -> None:
-    """Copy the tensors of ``enc`` for which ``pick(t)`` holds into ``staging``."""
-    for t, off in zip(enc.tensors, enc.offsets, strict=True):
-        nbytes = t.numel() * t.element_size()
-        if nbytes and pick(t):
-            staging[off : off + nbytes].view(t.dtype).view(t.shape).copy_(t.detach())
-
-
 def _sole_owner(data: Any) -> bool:
     """True if ``data`` is referenced only by the caller's one variable (CPython)."""
     getrefcount = getattr(sys, "getrefcount", None)
@@ -397,7 +389,7 @@ class TrainingCheckpointer:
             return
         staging = self._staging_for(enc.data_size)
         later = self._deferrable()
-        _copy(enc, staging, lambda t: _storage_ptr(t) not in later)
+        enc.copy_into(staging, lambda t: _storage_ptr(t) not in later)
         pause = time.perf_counter() - t0
         self.last_save = {
             "step": step,
@@ -443,7 +435,7 @@ class TrainingCheckpointer:
     ) -> None:
         try:
             if later:
-                _copy(enc, staging, lambda t: _storage_ptr(t) in later)
+                enc.copy_into(staging, lambda t: _storage_ptr(t) in later)
         finally:
             copied.set()  # never leave the optimizer waiting, even when the copy failed
         header_only = Encoded(enc.header, [], [], enc.data_size)

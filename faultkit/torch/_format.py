@@ -24,7 +24,7 @@ import math
 import struct
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,11 +115,13 @@ class Encoded:
         if self.data_size > pos:
             yield bytes(self.data_size - pos)
 
-    def copy_into(self, staging: torch.Tensor) -> None:
-        """Copy every tensor into ``staging`` (uint8, ``data_size`` bytes) at its offset."""
+    def copy_into(
+        self, staging: torch.Tensor, pick: Callable[[torch.Tensor], bool] | None = None
+    ) -> None:
+        """Copy the tensors ``pick`` accepts (default: all) into ``staging`` at their offsets."""
         for t, off in zip(self.tensors, self.offsets, strict=True):
             nbytes = t.numel() * t.element_size()
-            if nbytes:
+            if nbytes and (pick is None or pick(t)):
                 staging[off : off + nbytes].view(t.dtype).view(t.shape).copy_(t.detach())
 
     def staged_chunks(self, staging: torch.Tensor) -> Iterator[memoryview | bytes]:
