@@ -464,17 +464,7 @@ class RetryPolicy:
                     "(or pass exception types) so another process can import it"
                 )
             on, kind = _dotted(self.on), "predicate"
-        return {
-            "on": on,
-            "on_kind": kind,
-            "attempts": self.attempts,
-            "timeout": self.timeout,
-            "wait_initial": self.wait_initial,
-            "wait_max": self.wait_max,
-            "wait_exp_base": self.wait_exp_base,
-            "wait_jitter": self.wait_jitter,
-            "infra_attempts": self.infra_attempts,
-        }
+        return {"on": on, "on_kind": kind, **self._kwargs()}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RetryPolicy:
