@@ -26,10 +26,12 @@ import contextlib
 import errno
 import mmap
 import os
+import stat
 import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import IO, Any
@@ -79,6 +81,12 @@ def _write_error(path: str, exc: OSError) -> CheckpointWriteError:
     return err
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 class Storage(ABC):
     """A flat namespace of immutable objects under one root (see the module docstring)."""
 
@@ -95,6 +103,14 @@ class Storage(ABC):
             FileExistsError: ``path`` already exists; nothing was written.
             CheckpointWriteError: the storage refused the write.
         """
+
+    def touch(self, path: str) -> None:
+        """Create an empty object at ``path`` unless one exists; not durable (for hints)."""
+        try:
+            self.info(path)
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):
+                self.create(path, b"", durable=False)
 
     @abstractmethod
     def open_new(self, path: str) -> contextlib.AbstractContextManager[IO[bytes]]:
@@ -148,19 +164,87 @@ class Storage(ABC):
             self.delete(p)
 
 
+@dataclass(slots=True)
+class _FolderFd:
+    fd: int
+    users: int = 0
+    retired: bool = False  # out of the cache: closed when its last user is done
+
+
+class _FolderFds:
+    """Open descriptors of the folders written most recently (at most ``limit``).
+
+    A record is created relative to its folder's descriptor and the same descriptor is
+    fsync'd, so the entry made durable is the one in the folder written to, even if the path
+    was removed and made again meanwhile, and a commit needs no open/close of its folder.
+    A descriptor in use is never closed under its user.
+    """
+
+    def __init__(self, limit: int = 64) -> None:
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._fds: OrderedDict[str, _FolderFd] = OrderedDict()
+
+    @contextlib.contextmanager
+    def use(self, path: str) -> Iterator[int]:
+        with self._lock:
+            h = self._fds.get(path)
+            if h is not None:
+                self._fds.move_to_end(path)
+                h.users += 1
+        if h is None:
+            h = _FolderFd(os.open(path, os.O_RDONLY | os.O_DIRECTORY), users=1)
+            with self._lock:
+                if path in self._fds:  # another thread cached one meanwhile: ours is private
+                    h.retired = True
+                else:
+                    self._fds[path] = h
+                    while len(self._fds) > self._limit:
+                        self._retire(self._fds.popitem(last=False)[1])
+        try:
+            yield h.fd
+        finally:
+            with self._lock:
+                h.users -= 1
+                if h.retired and h.users == 0:
+                    os.close(h.fd)
+
+    @staticmethod
+    def _retire(h: _FolderFd) -> None:  # called under the lock
+        h.retired = True
+        if h.users == 0:
+            os.close(h.fd)
+
+    def forget(self, path: str) -> None:
+        """Drop ``path``'s descriptor (its folder was removed)."""
+        with self._lock:
+            h = self._fds.pop(path, None)
+            if h is not None:
+                self._retire(h)
+
+    def close(self) -> None:
+        with self._lock:
+            while self._fds:
+                self._retire(self._fds.popitem()[1])
+
+
 class LocalStorage(Storage):
     """A folder on a local (or network) file system.
 
-    Objects are written to ``@tmp/`` first, fsync'd, then ``link(2)``-ed into place: the link
-    fails with ``EEXIST`` if the name exists, so creation is atomic and exclusive, and a
-    reader never sees a partly written object. The parent folder is fsync'd after the link.
+    A small object is written to an unnamed file (``O_TMPFILE``; a named file in ``@tmp/``
+    where the file system has no such thing), fsync'd, then ``link(2)``-ed into place: the
+    link fails with ``EEXIST`` if the name exists, so creation is atomic and exclusive, and a
+    reader never sees a partly written object. The folder is fsync'd after the link.
     """
 
     def __init__(self, root: str) -> None:
         self.root = os.path.abspath(root)
         self.url = f"file://{self.root}"
         self._tmp = os.path.join(self.root, "@tmp")
-        self._made: set[str] = set()
+        self._made: set[str] = set()  # folders known to exist
+        self._folders = _FolderFds()
+        # Unnamed files linked into place need O_TMPFILE and /proc (Linux).
+        self._anon_ok = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
         try:
             os.makedirs(self._tmp, exist_ok=True)
         except OSError as exc:
@@ -168,27 +252,51 @@ class LocalStorage(Storage):
                 f"cannot use {self.root!r} as a checkpoint store: {exc.strerror}; "
                 "pick a writable folder"
             ) from exc
+        self._made.update((self.root, self._tmp))
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self._folders.close()
 
     def _abs(self, path: str) -> str:
         return os.path.join(self.root, _check_rel(path))
 
     def _parent(self, full: str) -> str:
+        """The folder of ``full``, made if missing."""
         parent = os.path.dirname(full)
         if parent not in self._made:
-            os.makedirs(parent, exist_ok=True)
-            self._made.add(parent)
+            self._mkdirs(parent)
         return parent
+
+    def _mkdirs(self, folder: str) -> None:
+        """Make ``folder`` and the folders above it that are missing, one ``mkdir`` each,
+        starting below the nearest folder known to exist."""
+        missing = []
+        d = folder
+        while d not in self._made and os.path.dirname(d) != d:
+            missing.append(d)
+            d = os.path.dirname(d)
+        try:
+            for d in reversed(missing):
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(d)
+                self._made.add(d)
+        except FileNotFoundError:  # a folder known to exist was removed (delete/gc)
+            self._made = {self.root, self._tmp}
+            os.makedirs(folder, exist_ok=True)
+            self._made.add(folder)
+
+    def _forget(self, folder: str) -> None:
+        """``folder`` was removed under us: make it again on the next write."""
+        self._made.discard(folder)
+        self._folders.forget(folder)
 
     def _tmp_path(self) -> str:
         return os.path.join(self._tmp, f"{os.getpid()}-{uuid.uuid4().hex}")
 
-    @staticmethod
-    def _fsync_dir(path: str) -> None:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
+    def _fsync_dir(self, path: str) -> None:
+        with self._folders.use(path) as fd:
             os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def _publish(self, tmp: str, full: str, durable: bool = True) -> None:
         parent = self._parent(full)
@@ -196,7 +304,7 @@ class LocalStorage(Storage):
             try:
                 os.link(tmp, full)
             except FileNotFoundError:  # the folder was removed (delete/gc) since we made it
-                self._made.discard(parent)
+                self._forget(parent)
                 self._parent(full)
                 os.link(tmp, full)
         finally:
@@ -208,25 +316,92 @@ class LocalStorage(Storage):
 
     def create(self, path: str, data: bytes, *, durable: bool = True) -> None:
         full = self._abs(path)
-        tmp = self._tmp_path()
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            if self._anon_ok and self._create_anon(full, data, durable):
+                return
+            tmp = self._tmp_path()
             try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                if durable:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            _failpoints.hit("storage.tmp_written")
-            self._publish(tmp, full, durable)
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                try:
+                    _write_all(fd, data)
+                    if durable:
+                        os.fsync(fd)
+                finally:
+                    os.close(fd)
+                _failpoints.hit("storage.tmp_written")
+                self._publish(tmp, full, durable)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
         except FileExistsError:
             raise
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
             raise _write_error(path, exc) from exc
+
+    def _create_anon(self, full: str, data: bytes, durable: bool) -> bool:
+        """Create ``full`` from an unnamed file (``O_TMPFILE``) linked into place.
+
+        Fewer system calls than a named temp file (no unlink, no open of the folder), and a
+        writer killed half-way leaves nothing behind. Returns False where the file system
+        cannot do it; the caller (and every later call) then uses a named temp file.
+        """
+        folder, name = os.path.split(full)
+        for last in (False, True):
+            self._parent(full)
+            try:
+                with self._folders.use(folder) as dfd:
+                    try:
+                        fd = os.open(".", os.O_TMPFILE | os.O_WRONLY, 0o644, dir_fd=dfd)
+                    except OSError as exc:
+                        if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                            self._anon_ok = False
+                            return False
+                        if os.fstat(dfd).st_nlink == 0:  # Linux says EPERM for this
+                            raise FileNotFoundError(errno.ENOENT, "folder removed") from exc
+                        raise
+                    try:
+                        _write_all(fd, data)
+                        if durable:
+                            os.fsync(fd)
+                        _failpoints.hit("storage.tmp_written")
+                        # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N names the open file.
+                        os.link(
+                            f"/proc/self/fd/{fd}",
+                            name,
+                            src_dir_fd=dfd,
+                            dst_dir_fd=dfd,
+                            follow_symlinks=True,
+                        )
+                    finally:
+                        os.close(fd)
+                    _failpoints.hit("storage.linked")
+                    if durable:
+                        os.fsync(dfd)
+                return True
+            except FileNotFoundError:  # the folder was removed (delete/gc) since we made it
+                self._forget(folder)
+                if last:
+                    raise
+        return False  # not reached
+
+    def touch(self, path: str) -> None:
+        full = self._abs(path)
+        for last in (False, True):
+            try:
+                os.mknod(full, 0o644 | stat.S_IFREG)
+                return
+            except FileExistsError:
+                return
+            except FileNotFoundError:
+                if last:
+                    raise
+                self._forget(os.path.dirname(full))
+                self._parent(full)
+            except PermissionError:  # a file system that refuses mknod: an empty create
+                with contextlib.suppress(FileExistsError):
+                    self.create(path, b"", durable=False)
+                return
 
     @contextlib.contextmanager
     def open_new(self, path: str) -> Iterator[IO[bytes]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -299,3 +300,44 @@ def test_disk_full_during_save(tiny_fs):
         assert snap.step == 1 and snap.data == b"A" * (1 << 20)
         assert st.results() == {"still-works": None}
     assert os.listdir(tiny_fs / "store" / "@tmp") == []
+
+
+def test_local_commits_without_unnamed_files(tmp_path):
+    """Where O_TMPFILE is unavailable the named-temp path commits the same and leaves no temp."""
+    store = CheckpointStore(f"file://{tmp_path}/store")
+    store._storage._anon_ok = False
+    with store.stage("n/a") as st:
+        assert st.done(1) and not st.done(1)
+        st.save(b"x" * 1000, step=1)
+        st.finish("ok")
+    assert os.listdir(tmp_path / "store" / "@tmp") == []
+    other = CheckpointStore(f"file://{tmp_path}/store")
+    assert other.finished("n/a") == (True, "ok")
+    assert other.stage("n/a").claim().latest().data == b"x" * 1000
+
+
+def test_local_writes_survive_their_folder_being_removed(tmp_path):
+    """A stage deleted (and so its folder) by another process is written again in a new
+    folder: the cached folder descriptor is not used for the removed one."""
+    url = f"file://{tmp_path}/store"
+    store = CheckpointStore(url)
+    with store.stage("d/a") as st:
+        st.done(1)
+    CheckpointStore(url).delete("d/a")
+    assert not (tmp_path / "store" / "d" / "a" / "@log").exists()
+    with store.stage("d/a") as again:
+        assert again.epoch == 1 and again.done(2)
+    assert set(CheckpointStore(url).read_view("d/a").units) == {"i:2"}
+
+
+def test_local_folder_descriptors_are_bounded(tmp_path):
+    """Writing to many stages keeps a bounded number of folders open."""
+    store = CheckpointStore(f"file://{tmp_path}/store")
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(300):
+        with store.stage(f"many/s{i}") as st:
+            st.done(0)
+    assert len(os.listdir("/proc/self/fd")) - before <= 64 + 2
+    del st, store
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) - before <= 2
