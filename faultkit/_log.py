@@ -6,7 +6,9 @@ with create-if-absent; if the name is taken it reads that record and tries ``seq
 Because each position is won by exactly one writer, the records are totally ordered, and
 fencing needs no lock, lease or clock:
 
-* a ``claim`` record opens epoch ``E`` (one more than the highest epoch before it);
+* a ``claim`` record opens epoch ``E`` (one more than the highest epoch before it); a commit
+  of an epoch higher than any claim before it counts as that epoch's claim (the stage's first
+  claim is not fsync'd, see :meth:`Stage.claim`);
 * a commit (``done``, ``snap``) of epoch ``e`` is valid only if no claim of a higher epoch
   precedes it. Writers check this before they create, and a writer that loses a position
   to a newer claim raises :class:`~faultkit.StaleAttemptError` without writing. Readers
@@ -106,6 +108,11 @@ class View:
         if e < self.epoch:
             self.ignored.append(seq)
             return
+        if e > self.epoch:
+            # Only an attempt that claimed e writes its commits, so e was claimed; its claim
+            # (the stage's first, written without fsync) may have been lost in a power cut.
+            self.epoch = e
+            self.claims.append((e, seq, float(body.get("ts", 0.0))))
         ts = float(body.get("ts", 0.0))
         if t == "done":
             uid = body["id"]

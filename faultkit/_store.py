@@ -90,6 +90,7 @@ class Stage:
         self._storage = store._storage
         self._dir = f"{self.key}/@log"
         self._view = View()
+        self._read = False  # has the log been read at all (claim reads it first if not)
         self._epoch = 0
         self._lock = threading.RLock()
         self._claimed_at = 0.0
@@ -109,9 +110,11 @@ class Stage:
 
     def _catch_up(self) -> None:
         """Read every record after the view's cursor."""
+        self._read = True
         v = self._view
         if v.cursor == 0:
-            # First read: list once and fetch everything (concurrently on S3).
+            # First read: list once and fetch everything (concurrently on S3). What the
+            # listing shows is the log as of that moment; only a gap makes us probe further.
             names = [n for n in self._storage.list(self._dir) if n.isdigit()]
             seqs = sorted(int(n) for n in names)
             expect = 1
@@ -127,6 +130,8 @@ class Stage:
                 if data is None:
                     break
                 v.apply(s, self._record(s, data))
+            if v.cursor == len(seqs):
+                return
         while True:
             nxt = v.cursor + 1
             try:
@@ -198,19 +203,27 @@ class Stage:
     # -- public API -------------------------------------------------------------------
 
     def claim(self) -> Stage:
-        """Claim a new epoch; every write of an older epoch fails from now on."""
+        """Claim a new epoch; every write of an older epoch fails from now on.
+
+        The first claim of a stage is written without fsync: there is no earlier attempt for
+        it to fence, and every later commit of its epoch implies it (readers count a commit
+        of epoch ``e`` as a claim of ``e``), so losing it in a power cut changes nothing.
+        Every later claim is durable before this returns.
+        """
         with self._lock:
             if self._epoch:
                 return self
-            self._catch_up()
-            prior = self._view.epoch
+            if not self._read:
+                self._catch_up()
             while True:
                 epoch = self._view.epoch + 1
                 now = time.time()
                 body = {"t": "claim", "e": epoch, "ts": now, "pid": os.getpid()}
                 seq = self._view.cursor + 1
                 try:
-                    self._storage.create(f"{self._dir}/{seq_name(seq)}", encode(body))
+                    self._storage.create(
+                        f"{self._dir}/{seq_name(seq)}", encode(body), durable=epoch > 1
+                    )
                 except FileExistsError:
                     self._catch_up()
                     continue
@@ -218,20 +231,15 @@ class Stage:
                 break
             self._epoch = epoch
             self._claimed_at = now
-            index = f"{INDEX}/{self.key.replace('/', '@')}"
-            # The index is a listing hint for keys(): a stat, not a create, on retries, and
-            # no fsync when it is made (a claim that finds it missing makes it again).
-            try:
-                self._storage.info(index)
-            except FileNotFoundError:
-                with contextlib.suppress(FileExistsError):
-                    self._storage.create(index, b"", durable=False)
+            # The index is a listing hint for keys(), never fsync'd (a claim that finds it
+            # missing makes it again).
+            self._storage.touch(f"{INDEX}/{self.key.replace('/', '@')}")
             v = self._view
             if self.resumed:
                 live = v.live_snaps()
                 self._prior = {
                     "epoch": epoch,
-                    "previous_epoch": prior,
+                    "previous_epoch": epoch - 1,
                     "units_done": len(v.units),
                     "last_step": live[-1].step if live else None,
                     "seconds_since_last_commit": round(max(0.0, now - v.last_commit), 3)

@@ -320,3 +320,28 @@ def test_latest_mapped_is_private_and_verified(store):
     assert store.stage("m/a").claim().latest().data == payload
     _overwrite(store, _blob_path(store, "m/a", 2), payload[:50])
     assert store.stage("m/a").claim().latest(mapped=True).step == 1
+
+
+def test_lost_first_claim_is_implied_by_its_commits(store):
+    """A power cut can lose the stage's first claim (written without fsync) but keep a later
+    commit: readers count the commit's epoch as claimed, so nothing is lost or re-fenced."""
+    with store.stage("p/a") as first:
+        assert first.epoch == 1
+        first.done("u", result=1)
+    _overwrite(store, "p/a/@log/000000000001", b"")  # what a power cut leaves of the claim
+    view = store.read_view("p/a")
+    assert view.corrupt == [1] and view.epoch == 1 and set(view.units) == {"s:u"}
+    with store.stage("p/a") as second:
+        assert second.epoch == 2 and second.resumed
+        assert second.results() == {"u": 1}
+        assert second.resume_info["previous_epoch"] == 1
+
+
+def test_claim_reads_a_log_it_has_not_seen(store):
+    """A stage refreshed before others wrote still claims above them (no stale epoch)."""
+    seen = store.stage("c/a")
+    seen.refresh()  # empty log
+    with store.stage("c/a") as other:
+        other.done("x")
+    with seen:
+        assert seen.epoch == 2 and seen.is_done("x")
