@@ -237,8 +237,9 @@ class LocalStorage(Storage):
     reader never sees a partly written object. The folder is fsync'd after the link.
     """
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, *, fsync: bool = True) -> None:
         self.root = os.path.abspath(root)
+        self.fsync = bool(fsync)  # False: survive process loss only (see CheckpointStore)
         self.url = f"file://{self.root}"
         self._tmp = os.path.join(self.root, "@tmp")
         self._made: set[str] = set()  # folders known to exist
@@ -316,6 +317,7 @@ class LocalStorage(Storage):
 
     def create(self, path: str, data: bytes, *, durable: bool = True) -> None:
         full = self._abs(path)
+        durable = durable and self.fsync
         try:
             if self._anon_ok and self._create_anon(full, data, durable):
                 return
@@ -411,8 +413,9 @@ class LocalStorage(Storage):
             with open(tmp, "xb") as f:
                 yield f
                 f.flush()
-                os.fsync(f.fileno())
-            self._publish(tmp, full)
+                if self.fsync:
+                    os.fsync(f.fileno())
+            self._publish(tmp, full, self.fsync)
         except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -666,13 +669,28 @@ def redact_url(url: str) -> str:
     return parts._replace(netloc=f"***@{host}").geturl()
 
 
+def _local_options(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    unknown = sorted(set(options) - {"fsync"})
+    if unknown:
+        raise StoreConfigError(
+            f"file:// stores take one option, fsync=True|False; got {unknown}. Credentials "
+            "and endpoints are for s3:// stores"
+        )
+    fsync = options.get("fsync", True)
+    if isinstance(fsync, str):  # from a connection's or block's JSON/text options
+        if fsync.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise StoreConfigError(f"fsync must be true or false, not {fsync!r}")
+        fsync = fsync.lower() in ("true", "1", "yes")
+    return {"fsync": bool(fsync)}
+
+
 def open_storage(url: str, **options: Any) -> Storage:
     """Build the :class:`Storage` for ``url``; ``options`` go to fsspec (credentials, endpoint)."""
     if not isinstance(url, str) or not url:
         raise StoreConfigError(f"a store URL is required, e.g. 'file:///var/lib/ck'; got {url!r}")
     if "://" not in url:
         if url.startswith("/") or url.startswith("."):
-            return LocalStorage(url)
+            return LocalStorage(url, **_local_options(url, options))
         raise StoreConfigError(
             f"store URL {redact_url(url)!r} has no scheme; use file:///path, memory://name "
             "or s3://bucket/prefix"
@@ -682,8 +700,13 @@ def open_storage(url: str, **options: Any) -> Storage:
     if scheme == "file":
         if not rest.startswith("/"):
             raise StoreConfigError(f"file URL {url!r} must be absolute: file:///path/to/store")
-        return LocalStorage(rest)
+        return LocalStorage(rest, **_local_options(url, options))
     if scheme == "memory":
+        if options:
+            raise StoreConfigError(
+                f"memory:// stores take no options; got {sorted(options)}. Storage options "
+                "(credentials, endpoint) are for s3:// stores"
+            )
         return MemoryStorage(rest.strip("/") or "default")
     if scheme in ("s3", "s3a"):
         try:

@@ -510,7 +510,12 @@ class CheckpointStore:
 
     Args:
         url: where the store lives; ``file:///path``, ``memory://name``, ``s3://bucket/prefix``.
-        **storage_options: passed to fsspec (``key``, ``secret``, ``endpoint_url``, ...).
+        **storage_options: for ``s3://``, passed to fsspec (``key``, ``secret``,
+            ``endpoint_url``, ...). For ``file://``, only ``fsync``: ``True`` (the default)
+            makes every commit durable before it returns; ``False`` skips the fsyncs, so a
+            commit is visible to every process and survives the loss of any process (a
+            killed worker) at once, but not a crash of the machine or a power cut. Use it
+            where the store's disk is scratch that outlives workers but not the machine.
     """
 
     def __init__(self, url: str, **storage_options: Any) -> None:

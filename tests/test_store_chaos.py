@@ -83,9 +83,13 @@ def test_kill_at_each_failpoint(backend, tmp_path, point, nth):
 
 @pytest.mark.parametrize("point", [pytest.param(p, id=p) for p in LOCAL_POINTS])
 @pytest.mark.parametrize("nth", [pytest.param(3, id="done"), pytest.param(4, id="save")])
-def test_kill_inside_local_commit(tmp_path, point, nth):
-    """SIGKILL between the local backend's temp write, link and folder fsync loses nothing."""
-    _kill_at((f"file://{tmp_path}/store", {}), tmp_path, point, nth)
+@pytest.mark.parametrize(
+    "fsync", [pytest.param(True, id="fsync"), pytest.param(False, id="nofsync")]
+)
+def test_kill_inside_local_commit(tmp_path, point, nth, fsync):
+    """SIGKILL between the local backend's temp write, link and folder fsync loses nothing,
+    with fsync=False too (a killed process never loses what the kernel has)."""
+    _kill_at((f"file://{tmp_path}/store", {"fsync": fsync}), tmp_path, point, nth)
 
 
 def _kill_at(backend, tmp_path, point: str, nth: int) -> None:

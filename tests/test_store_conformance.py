@@ -22,6 +22,7 @@ from faultkit._storage import FsspecStorage, LocalStorage, MemoryStorage
     params=[
         pytest.param("memory", id="memory"),
         pytest.param("file", id="file"),
+        pytest.param("file-nofsync", id="file-nofsync"),
         pytest.param("s3", id="s3"),
     ]
 )
@@ -31,6 +32,8 @@ def backend(request, tmp_path):
         return f"memory://{uuid.uuid4().hex}", {}
     if request.param == "file":
         return f"file://{tmp_path}/store", {}
+    if request.param == "file-nofsync":
+        return f"file://{tmp_path}/store", {"fsync": False}
     return request.getfixturevalue("s3_store_url")
 
 
@@ -345,3 +348,15 @@ def test_claim_reads_a_log_it_has_not_seen(store):
         other.done("x")
     with seen:
         assert seen.epoch == 2 and seen.is_done("x")
+
+
+def test_store_options_are_checked(tmp_path):
+    """file:// takes only fsync (bool or its text form); memory:// takes none; typos fail."""
+    with pytest.raises(StoreConfigError, match="fsync"):
+        CheckpointStore(f"file://{tmp_path}/a", endpoint_url="http://x")
+    with pytest.raises(StoreConfigError, match="true or false"):
+        CheckpointStore(f"file://{tmp_path}/a", fsync="sometimes")
+    with pytest.raises(StoreConfigError, match="no options"):
+        CheckpointStore("memory://x", fsync=False)
+    assert CheckpointStore(f"file://{tmp_path}/a", fsync="false")._storage.fsync is False
+    assert CheckpointStore(f"file://{tmp_path}/a")._storage.fsync is True
