@@ -97,7 +97,8 @@ class Storage(ABC):
         """Write ``data`` at ``path`` atomically if ``path`` is absent; durably unless told not.
 
         ``durable=False`` skips the fsyncs where the backend has them: for hints that are
-        rebuilt when missing (the key index), never for commits.
+        rebuilt when missing (the key index) and a stage's first claim (see
+        :meth:`~faultkit.Stage.claim`), never for commits.
 
         Raises:
             FileExistsError: ``path`` already exists; nothing was written.
@@ -669,7 +670,7 @@ def redact_url(url: str) -> str:
     return parts._replace(netloc=f"***@{host}").geturl()
 
 
-def _local_options(url: str, options: dict[str, Any]) -> dict[str, Any]:
+def _local_options(options: dict[str, Any]) -> dict[str, Any]:
     unknown = sorted(set(options) - {"fsync"})
     if unknown:
         raise StoreConfigError(
@@ -690,7 +691,7 @@ def open_storage(url: str, **options: Any) -> Storage:
         raise StoreConfigError(f"a store URL is required, e.g. 'file:///var/lib/ck'; got {url!r}")
     if "://" not in url:
         if url.startswith("/") or url.startswith("."):
-            return LocalStorage(url, **_local_options(url, options))
+            return LocalStorage(url, **_local_options(options))
         raise StoreConfigError(
             f"store URL {redact_url(url)!r} has no scheme; use file:///path, memory://name "
             "or s3://bucket/prefix"
@@ -700,7 +701,7 @@ def open_storage(url: str, **options: Any) -> Storage:
     if scheme == "file":
         if not rest.startswith("/"):
             raise StoreConfigError(f"file URL {url!r} must be absolute: file:///path/to/store")
-        return LocalStorage(rest, **_local_options(url, options))
+        return LocalStorage(rest, **_local_options(options))
     if scheme == "memory":
         if options:
             raise StoreConfigError(
