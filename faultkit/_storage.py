@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import mmap
 import os
 import stat
@@ -39,6 +40,8 @@ from urllib.parse import urlsplit
 
 from . import _failpoints
 from ._errors import CheckpointWriteError, InvalidKeyError, StoreConfigError
+
+log = logging.getLogger("faultkit.store")
 
 __all__ = [
     "FsspecStorage",
@@ -670,14 +673,22 @@ def redact_url(url: str) -> str:
     return parts._replace(netloc=f"***@{host}").geturl()
 
 
-def _local_options(options: dict[str, Any]) -> dict[str, Any]:
-    unknown = sorted(set(options) - {"fsync"})
-    if unknown:
-        raise StoreConfigError(
-            f"file:// stores take one option, fsync=True|False; got {unknown}. Credentials "
-            "and endpoints are for s3:// stores"
+def _ignore_options(url: str, options: dict[str, Any]) -> None:
+    """Options a local or in-memory store has no use for are logged, not fatal: an Airflow
+    connection or a Dask plugin may carry S3 options while a task's own URL is local."""
+    if options:
+        log.warning(
+            "%s ignores storage options %s (they are for s3:// stores; a file:// store "
+            "takes only fsync=True|False)",
+            redact_url(url),
+            sorted(options),
         )
-    fsync = options.get("fsync", True)
+
+
+def _local_options(url: str, options: dict[str, Any]) -> dict[str, Any]:
+    options = dict(options)
+    fsync = options.pop("fsync", True)
+    _ignore_options(url, options)
     if isinstance(fsync, str):  # from a connection's or block's JSON/text options
         if fsync.lower() not in ("true", "false", "1", "0", "yes", "no"):
             raise StoreConfigError(f"fsync must be true or false, not {fsync!r}")
@@ -691,7 +702,7 @@ def open_storage(url: str, **options: Any) -> Storage:
         raise StoreConfigError(f"a store URL is required, e.g. 'file:///var/lib/ck'; got {url!r}")
     if "://" not in url:
         if url.startswith("/") or url.startswith("."):
-            return LocalStorage(url, **_local_options(options))
+            return LocalStorage(url, **_local_options(url, options))
         raise StoreConfigError(
             f"store URL {redact_url(url)!r} has no scheme; use file:///path, memory://name "
             "or s3://bucket/prefix"
@@ -701,13 +712,9 @@ def open_storage(url: str, **options: Any) -> Storage:
     if scheme == "file":
         if not rest.startswith("/"):
             raise StoreConfigError(f"file URL {url!r} must be absolute: file:///path/to/store")
-        return LocalStorage(rest, **_local_options(options))
+        return LocalStorage(rest, **_local_options(url, options))
     if scheme == "memory":
-        if options:
-            raise StoreConfigError(
-                f"memory:// stores take no options; got {sorted(options)}. Storage options "
-                "(credentials, endpoint) are for s3:// stores"
-            )
+        _ignore_options(url, options)
         return MemoryStorage(rest.strip("/") or "default")
     if scheme in ("s3", "s3a"):
         try:

@@ -350,13 +350,14 @@ def test_claim_reads_a_log_it_has_not_seen(store):
         assert seen.epoch == 2 and seen.is_done("x")
 
 
-def test_store_options_are_checked(tmp_path):
-    """file:// takes only fsync (bool or its text form); memory:// takes none; typos fail."""
-    with pytest.raises(StoreConfigError, match="fsync"):
-        CheckpointStore(f"file://{tmp_path}/a", endpoint_url="http://x")
+def test_store_options_are_checked(tmp_path, caplog):
+    """file:// takes fsync (a bool or its text form); options only S3 uses are logged, not
+    fatal (a connection's S3 options may meet a task's local URL); a bad fsync fails."""
     with pytest.raises(StoreConfigError, match="true or false"):
         CheckpointStore(f"file://{tmp_path}/a", fsync="sometimes")
-    with pytest.raises(StoreConfigError, match="no options"):
-        CheckpointStore("memory://x", fsync=False)
     assert CheckpointStore(f"file://{tmp_path}/a", fsync="false")._storage.fsync is False
     assert CheckpointStore(f"file://{tmp_path}/a")._storage.fsync is True
+    with caplog.at_level("WARNING", logger="faultkit.store"):
+        CheckpointStore(f"file://{tmp_path}/a", endpoint_url="http://x")
+        CheckpointStore("memory://x", fsync=False)
+    assert "['endpoint_url']" in caplog.text and "['fsync']" in caplog.text
