@@ -51,6 +51,8 @@ def _config(a: argparse.Namespace) -> DemoConfig:
     if a.quick:
         cfg.partitions, cfg.rows, cfg.chunk, cfg.steps = min(cfg.partitions, 6), 60, 10, 30
         cfg.every_steps = 5
+        # 36 units must outlast a kill, the worker's restart and a second kill.
+        cfg.unit_delay = max(cfg.unit_delay, 0.25)
     return cfg
 
 
