@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from ._ephemeral import guard as _guard_server
 from ._refs import AlertRef, StoreRef, policy_of
 
 __all__ = ["alert_hooks", "crash_budget", "task_failure_hook"]
@@ -113,6 +114,7 @@ def alert_hooks(
         _send(ref, _worker_lost(flow.name, flow_run, crashes, budget, details))
 
     def on_running(flow: Any, flow_run: Any, state: Any) -> None:
+        _guard_server()
         try:
             run_count, states = _history(flow_run.id)
         except Exception:

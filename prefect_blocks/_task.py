@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ._ephemeral import guard as _guard_server
 from ._refs import AlertRef, StoreRef, policy_of
 
 __all__ = ["resumable_task", "stage_key"]
@@ -201,6 +202,7 @@ def resumable_task(
 
         @functools.wraps(fn)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            _guard_server()
             k, _ = _key(args, kwargs)
             stage, done, result = _open(k)
             if done:
@@ -215,6 +217,7 @@ def resumable_task(
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            _guard_server()
             k, _ = _key(args, kwargs)
             stage, done, result = _open(k)
             if done:
