@@ -5,7 +5,8 @@ this module is imported, so a child process inherits it) or :func:`arm` in-proce
 Actions: ``kill`` (SIGKILL this process), ``stop`` (SIGSTOP it: a paused zombie until
 someone sends SIGCONT), ``raise`` (raise :class:`InjectedFault`), ``exit`` (``os._exit(75)``).
 ``@n`` fires on the n-th hit only (default: the first).
-When nothing is armed, :func:`hit` is one falsy check.
+:func:`watch` calls a function at every hit (how ``faultkit.chaos`` sees a child's progress).
+When nothing is armed or watched, :func:`hit` is two falsy checks.
 """
 
 from __future__ import annotations
@@ -13,20 +14,27 @@ from __future__ import annotations
 import os
 import signal
 import threading
+from collections.abc import Callable
 
-__all__ = ["POINTS", "InjectedFault", "arm", "disarm", "hit"]
+__all__ = ["POINTS", "InjectedFault", "arm", "disarm", "hit", "watch"]
 
 POINTS = (
     "log.before_create",  # a record is encoded, nothing written yet
     "storage.tmp_written",  # local: temp file written and fsync'd, not yet linked
     "storage.linked",  # local: linked into place, parent folder not yet fsync'd
     "log.created",  # the record exists; the caller has not been told yet
+    "stage.claimed",  # a claim's record exists; claim() has not returned yet
     "save.blob_partial",  # a snapshot's bytes are half written
     "save.blob_written",  # a snapshot's bytes are durable, its record not yet written
     "save.committed",  # the snapshot's record exists
     "done.committed",  # the unit's done record exists
+    "sink.declared",  # SqlSink: the sink is declared in the log, no transaction yet
     "sink.rows_written",  # SqlSink: rows inserted, transaction not yet committed
+    "sink.checked",  # SqlSink: the log checked (deadline stamped), COMMIT not yet sent
     "sink.committed",  # SqlSink: transaction committed, stage not yet told
+    "filesink.staged",  # FileSink: bytes in a staging object, unit not yet recorded done
+    "filesink.committed",  # FileSink: unit recorded done, final object not yet published
+    "filesink.published",  # FileSink: final object created, staging object not yet removed
 )
 
 
@@ -37,6 +45,7 @@ class InjectedFault(RuntimeError):
 _lock = threading.Lock()
 _armed: dict[str, tuple[str, int]] = {}
 _hits: dict[str, int] = {}
+_watchers: list[Callable[[str], object]] = []
 
 
 def _parse(spec: str) -> dict[str, tuple[str, int]]:
@@ -75,8 +84,24 @@ def disarm(name: str | None = None) -> None:
             _hits.pop(name, None)
 
 
+def watch(fn: Callable[[str], object]) -> Callable[[], None]:
+    """Call ``fn(name)`` at every failpoint hit in this process; returns an unwatch."""
+    with _lock:
+        _watchers.append(fn)
+
+    def unwatch() -> None:
+        with _lock:
+            if fn in _watchers:
+                _watchers.remove(fn)
+
+    return unwatch
+
+
 def hit(name: str) -> None:
     """Fire failpoint ``name`` if it is armed and this is its n-th hit."""
+    if _watchers:
+        for fn in list(_watchers):
+            fn(name)
     if not _armed or name not in _armed:
         return
     with _lock:

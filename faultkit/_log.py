@@ -1,20 +1,33 @@
 """A stage's commit log: an append-only sequence of create-if-absent records.
 
 Every change to a stage is one small record at ``<key>/@log/<seq>``, where ``seq`` counts
-1, 2, 3, ... with no gaps. A writer that has read every record below ``seq`` creates ``seq``
-with create-if-absent; if the name is taken it reads that record and tries ``seq + 1``.
-Because each position is won by exactly one writer, the records are totally ordered, and
-fencing needs no lock, lease or clock:
+1, 2, 3, ... A writer that has read every record below ``seq`` creates ``seq`` with
+create-if-absent; if the name is taken it reads that record and tries ``seq + 1``. Because
+each position is won by exactly one writer, the records are totally ordered, and fencing
+needs no lock, lease or clock:
 
-* a ``claim`` record opens epoch ``E`` (one more than the highest epoch before it); a commit
-  of an epoch higher than any claim before it counts as that epoch's claim (the stage's first
-  claim is not fsync'd, see :meth:`Stage.claim`);
-* a commit (``done``, ``snap``) of epoch ``e`` is valid only if no claim of a higher epoch
-  precedes it. Writers check this before they create, and a writer that loses a position
-  to a newer claim raises :class:`~faultkit.StaleAttemptError` without writing. Readers
-  apply the same rule, so even a hand-crafted late record cannot take effect.
+* a ``claim`` record opens epoch ``E``, above every epoch the log could hold before it; a
+  commit of an epoch higher than any claim before it counts as that epoch's claim (the
+  stage's first claim is not fsync'd, see :meth:`Stage.claim`);
+* a commit (``done``, ``fin``, ``snap``, ``sink``) of epoch ``e`` is valid only if no claim
+  of a higher epoch precedes it. Writers check this before they create, and a writer that
+  loses a position to a newer claim raises :class:`~faultkit.StaleAttemptError` without
+  writing. Readers apply the same rule, so even a hand-crafted late record cannot take effect.
 
-Each record is one JSON object followed by a newline and its xxh64 checksum.
+Damage. Each record is one JSON object, a newline and its xxh64 checksum, and names the
+checksum of the record before it (``p``), so the log is a chain. A record that fails its
+checksum, a position missing below later records (a gap), a record its successor does not
+name (written into a gap after the fact) and anything that is not a plain file are damage:
+reported by readers (``View.damaged``) and never silently skipped into a reused epoch. A
+record at position ``s`` can only hold an epoch ``<= s`` (each claim is at most one above
+every record before it), so a claim steps past damage by claiming above the highest damaged
+position, and a writer whose epoch is below that bound is treated as fenced. A claim also
+seals each gap with a ``void`` record, so a writer that reads up to the gap next finds the
+damage instead of a hole it could write into.
+
+A ``base`` record starts the log over: :meth:`CheckpointStore.delete` writes one with an
+epoch above everything before it, then removes the older records, so a new run of the key
+claims above every epoch the deleted stage handed out and its zombies stay fenced.
 """
 
 from __future__ import annotations
@@ -27,9 +40,19 @@ import xxhash
 
 from ._errors import CorruptCheckpointError
 
-__all__ = ["SnapRecord", "UnitRecord", "View", "decode", "encode", "seq_name"]
+__all__ = [
+    "Damage",
+    "SnapRecord",
+    "UnitRecord",
+    "View",
+    "decode",
+    "digest",
+    "encode",
+    "seq_name",
+]
 
 SEQ_WIDTH = 12
+MAX_RECORD = 1 << 20  # a record larger than this is damage (records are small JSON)
 
 
 def seq_name(seq: int) -> str:
@@ -41,16 +64,26 @@ def encode(body: dict[str, Any]) -> bytes:
     return raw + b"\n" + xxhash.xxh64_hexdigest(raw).encode()
 
 
+def digest(data: bytes) -> str:
+    """What the next record names as its predecessor (``p``)."""
+    return xxhash.xxh64_hexdigest(data)
+
+
+_TYPES = frozenset({"claim", "done", "fin", "snap", "gc", "sink", "base", "void"})
+
+
 def decode(data: bytes) -> dict[str, Any]:
-    raw, sep, digest = data.rpartition(b"\n")
-    if not sep or xxhash.xxh64_hexdigest(raw).encode() != digest:
+    if len(data) > MAX_RECORD:
+        raise CorruptCheckpointError(f"log record of {len(data)} bytes is too large")
+    raw, sep, want = data.rpartition(b"\n")
+    if not sep or xxhash.xxh64_hexdigest(raw).encode() != want:
         raise CorruptCheckpointError("log record failed its checksum")
     try:
         body = json.loads(raw)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise CorruptCheckpointError("log record is not JSON") from exc
-    if not isinstance(body, dict) or "t" not in body:
-        raise CorruptCheckpointError("log record has no type")
+    if not isinstance(body, dict) or body.get("t") not in _TYPES:
+        raise CorruptCheckpointError("log record has no known type")
     return body
 
 
@@ -75,31 +108,86 @@ class SnapRecord:
     ts: float
 
 
+@dataclass(frozen=True, slots=True)
+class Damage:
+    """One damaged position of a log: ``kind`` is ``corrupt`` (fails its checksum or
+    cannot be parsed), ``missing`` (a gap), ``sealed`` (a gap a claim filled with a void
+    record), ``unlinked`` (its successor names another record: it was written into a gap
+    after the fact) or ``link`` (a symbolic link or other non-file)."""
+
+    seq: int
+    kind: str
+    detail: str = ""
+
+
 @dataclass
 class View:
     """What the records up to ``cursor`` say about a stage."""
 
     cursor: int = 0
     epoch: int = 0  # the highest epoch claimed so far
+    base: int = 0  # seq of the base record the log starts from (0: none)
     claims: list[tuple[int, int, float]] = field(default_factory=list)  # (epoch, seq, ts)
     units: dict[str, UnitRecord] = field(default_factory=dict)  # unit_id -> record
     snaps: list[SnapRecord] = field(default_factory=list)
     dropped: set[str] = field(default_factory=set)  # blobs removed by gc
-    corrupt: list[int] = field(default_factory=list)  # seqs whose record failed to decode
+    damaged: list[Damage] = field(default_factory=list)
     ignored: list[int] = field(default_factory=list)  # stale commits (never written by us)
+    sinks: dict[str, tuple[int, dict[str, Any]]] = field(default_factory=dict)  # id -> (e, fence)
     last_commit: float = 0.0
     finished: UnitRecord | None = None  # the stage's final result, once recorded
+    deleted: float = 0.0  # when delete() reset the log (0: never)
+    last_digest: str = ""  # digest of the record at ``cursor``
+    suspect: set[int] = field(default_factory=set)  # positions to treat as damage
 
-    def apply(self, seq: int, body: dict[str, Any] | None) -> None:
-        """Fold record ``seq`` into the view (``None`` for an undecodable record)."""
-        self.cursor = seq
-        if body is None:
-            self.corrupt.append(seq)
+    @property
+    def floor(self) -> int:
+        """The highest damaged position: a damaged record may hold any epoch up to it."""
+        return max((d.seq for d in self.damaged), default=0)
+
+    @property
+    def fence(self) -> int:
+        """Every epoch below this is fenced: the newest claim, or the damage bound."""
+        return max(self.epoch, self.floor)
+
+    @property
+    def corrupt(self) -> list[int]:
+        """Positions of damaged records (see :attr:`damaged`)."""
+        return [d.seq for d in self.damaged]
+
+    def damage(self, seq: int, kind: str, detail: str = "") -> None:
+        """Record damage at ``seq`` and move the cursor past it."""
+        self.cursor = max(self.cursor, seq)
+        self.last_digest = ""
+        if not any(d.seq == seq for d in self.damaged):
+            self.damaged.append(Damage(seq, kind, detail))
+
+    def link_ok(self, seq: int, body: dict[str, Any]) -> bool:
+        """False if ``body`` (at ``seq``) names a predecessor other than the one read."""
+        prev = body.get("p")
+        if not prev or not self.last_digest or seq != self.cursor + 1:
+            return True  # unknown either way (the predecessor was damaged, or is a base)
+        return prev == self.last_digest
+
+    def apply(self, seq: int, body: dict[str, Any], data_digest: str = "") -> None:
+        """Fold record ``seq`` into the view."""
+        if seq in self.suspect:
+            self.damage(seq, "unlinked", "its successor names a different record")
             return
         t = body["t"]
+        if t == "void":
+            self.damage(seq, "sealed", str(body.get("why", "missing")))
+            return
+        self.cursor = seq
+        self.last_digest = data_digest
+        ts = float(body.get("ts", 0.0))
+        if t == "base":
+            self._reset(seq, int(body["e"]), body, ts)
+            return
         if t == "claim":
-            self.epoch = max(self.epoch, int(body["e"]))
-            self.claims.append((int(body["e"]), seq, float(body.get("ts", 0.0))))
+            e = int(body["e"])
+            self.epoch = max(self.epoch, e)
+            self.claims.append((e, seq, ts))
             return
         if t == "gc":
             self.dropped.update(body.get("blobs", ()))
@@ -112,8 +200,7 @@ class View:
             # Only an attempt that claimed e writes its commits, so e was claimed; its claim
             # (the stage's first, written without fsync) may have been lost in a power cut.
             self.epoch = e
-            self.claims.append((e, seq, float(body.get("ts", 0.0))))
-        ts = float(body.get("ts", 0.0))
+            self.claims.append((e, seq, ts))
         if t == "done":
             uid = body["id"]
             if uid not in self.units:
@@ -137,6 +224,21 @@ class View:
                 )
             )
             self.last_commit = max(self.last_commit, ts)
+        elif t == "sink":
+            self.sinks[str(body["id"])] = (e, dict(body.get("fence") or {}))
+
+    def _reset(self, seq: int, epoch: int, body: dict[str, Any], ts: float) -> None:
+        """A base record: everything before it is gone; epochs up to ``epoch`` are fenced."""
+        suspect, digest_ = self.suspect, self.last_digest
+        self.__init__()  # type: ignore[misc]
+        self.suspect = suspect
+        self.cursor = self.base = seq
+        self.last_digest = digest_
+        self.epoch = epoch
+        self.claims.append((epoch, seq, ts))
+        self.sinks = {k: (int(e), dict(f)) for k, (e, f) in (body.get("sinks") or {}).items()}
+        if body.get("why") == "deleted":
+            self.deleted = ts
 
     def live_snaps(self) -> list[SnapRecord]:
         """Snapshots not removed by gc, oldest first."""

@@ -1,13 +1,16 @@
 """The ``faultkit`` command: inspect, verify and clean stores; run the demo.
 
-    faultkit ls STORE_URL [PREFIX]        stages: epoch, units done, snapshots, last commit
-    faultkit show STORE_URL KEY           one stage in detail
-    faultkit verify STORE_URL [KEY]       check every snapshot; exit 1 on corruption
-    faultkit gc STORE_URL [KEY] --keep N  remove old snapshots and files of killed writers
-    faultkit demo [--engine ...]          watch a pipeline lose workers and recover
+    faultkit ls STORE_URL [PREFIX]           stages: epoch, units done, snapshots, last commit
+    faultkit show STORE_URL KEY...           one stage in detail
+    faultkit verify STORE_URL [KEY...]       check logs and snapshots; exit 1 on any damage
+    faultkit gc STORE_URL [KEY...] --keep N  remove old snapshots and files of killed writers
+    faultkit demo [--engine ...]             watch a pipeline lose workers and recover
 
+A KEY is the key as stored (``etl/daily/manual__2024-01-01T00=3A00...``) or the parts given
+to ``faultkit.key(...)``, one argument each (``etl daily manual__2024-01-01T00:00:00``).
 Human-readable tables by default, ``--json`` for scripts. Storage options (S3 endpoint,
 credentials) come from ``-o name=value`` or the ``FAULTKIT_STORAGE_OPTIONS`` JSON variable.
+Exit status: 0 fine, 1 damage found (verify) or no such stage (show), 2 usage or store error.
 """
 
 from __future__ import annotations
@@ -23,23 +26,31 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from ._errors import FaultkitError
+from ._errors import FaultkitError, InvalidKeyError
+from ._keys import check_key, key, key_parts
 from ._store import CheckpointStore
 
 __all__ = ["main"]
 
 
-def _options(pairs: Sequence[str]) -> dict[str, Any]:
+_TEXT_OPTIONS = frozenset({"key", "secret", "token", "password", "username", "profile"})
+
+
+def _options(pairs: Sequence[str], url: str = "") -> dict[str, Any]:
     opts: dict[str, Any] = json.loads(os.environ.get("FAULTKIT_STORAGE_OPTIONS") or "{}")
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep:
             raise SystemExit(f"faultkit: -o expects name=value, got {pair!r}")
+        if name in _TEXT_OPTIONS:
+            opts[name] = value  # a key or secret of digits is still text
+            continue
         try:
             opts[name] = json.loads(value)
         except ValueError:
             opts[name] = value
-    if "endpoint_url" in opts:  # the one option people pass flat; s3fs wants it nested
+    if "endpoint_url" in opts and url.lower().startswith(("s3://", "s3a://")):
+        # The one option people pass flat; s3fs wants it nested.
         opts.setdefault("client_kwargs", {})["endpoint_url"] = opts.pop("endpoint_url")
     return opts
 
@@ -63,17 +74,34 @@ def _size(n: int) -> str:
     return str(n)
 
 
+def _key_arg(parts: Sequence[str] | None) -> str | None:
+    """The key the user meant: one stored key as given, else ``key(*parts)``."""
+    if not parts:
+        return None
+    if len(parts) == 1:
+        try:
+            return check_key(parts[0])
+        except InvalidKeyError:
+            pass
+    return key(*parts)
+
+
+def _readable(k: str) -> str:
+    return "/".join(key_parts(k))
+
+
 def _summary(store: CheckpointStore, key: str) -> dict[str, Any]:
     v = store.read_view(key)
     snaps = v.live_snaps()
     return {
         "key": key,
+        "parts": key_parts(key),
         "epoch": v.epoch,
         "units_done": len(v.units),
         "snapshots": len(snaps),
         "last_step": snaps[-1].step if snaps else None,
         "last_commit": v.last_commit or None,
-        "corrupt_records": len(v.corrupt),
+        "damaged_records": len(v.damaged),
     }
 
 
@@ -87,7 +115,7 @@ def cmd_ls(store: CheckpointStore, a: argparse.Namespace, out: Console) -> int:
         t.add_column(col, justify="left" if col == "key" else "right")
     for r in rows:
         t.add_row(
-            r["key"],
+            _readable(r["key"]) + (" [red](damaged log)[/red]" if r["damaged_records"] else ""),
             str(r["epoch"]),
             str(r["units_done"]),
             str(r["snapshots"]),
@@ -98,30 +126,33 @@ def cmd_ls(store: CheckpointStore, a: argparse.Namespace, out: Console) -> int:
     return 0
 
 
+def _snap_row(rec: Any, err: str | None) -> dict[str, Any]:
+    return {
+        "step": rec.step,
+        "epoch": rec.epoch,
+        "size": rec.size,
+        "created": rec.ts,
+        "checksum": rec.checksum,
+        "ok": err is None,
+        "error": err,
+        "meta": rec.meta,
+    }
+
+
 def _snap_rows(store: CheckpointStore, key: str) -> list[dict[str, Any]]:
-    return [
-        {
-            "step": r.step,
-            "epoch": r.epoch,
-            "size": r.size,
-            "created": r.ts,
-            "checksum": r.checksum,
-            "ok": err is None,
-            "error": err,
-            "meta": r.meta,
-        }
-        for r, err in store.verify(key)
-    ]
+    return [_snap_row(r, err) for r, err in store.verify(key)]
 
 
 def cmd_show(store: CheckpointStore, a: argparse.Namespace, out: Console) -> int:
-    v = store.read_view(a.key)
-    if not v.cursor:
-        out.print(f"[red]no stage {a.key!r} in {store.url}[/red]")
+    k = _key_arg(a.key)
+    assert k is not None
+    v = store.read_view(k)
+    if not v.cursor or k not in store.keys(k):
+        out.print(f"[red]no stage {k!r} in {store.url}[/red] (faultkit ls lists them)")
         return 1
-    snaps = _snap_rows(store, a.key)
+    snaps = _snap_rows(store, k)
     info = {
-        **_summary(store, a.key),
+        **_summary(store, k),
         "claims": [{"epoch": e, "seq": s, "time": ts} for e, s, ts in v.claims],
         "units": [{"unit": r.unit, "epoch": r.epoch, "result": r.result} for r in v.units.values()],
         "snapshots_detail": snaps,
@@ -130,9 +161,11 @@ def cmd_show(store: CheckpointStore, a: argparse.Namespace, out: Console) -> int
         print(json.dumps(info, indent=2, default=str))
         return 0
     out.print(
-        f"[bold]{a.key}[/bold]  epoch {v.epoch}, {len(v.units)} unit(s) done, "
+        f"[bold]{_readable(k)}[/bold]  epoch {v.epoch}, {len(v.units)} unit(s) done, "
         f"{len(snaps)} snapshot(s), {v.cursor} log record(s)"
     )
+    if k != _readable(k):
+        out.print(f"stored as {k}")
     t = Table(title="attempts")
     for col in ("epoch", "claimed", "units done by it"):
         t.add_column(col)
@@ -155,29 +188,44 @@ def _print_snaps(out: Console, snaps: list[dict[str, Any]], title: str = "snapsh
 
 
 def cmd_verify(store: CheckpointStore, a: argparse.Namespace, out: Console) -> int:
-    keys = [a.key] if a.key else store.keys()
-    report = {}
+    k = _key_arg(a.key)
+    keys = [k] if k else store.keys()
+    stray = [] if k else store._storage.anomalies("")
+    report: dict[str, Any] = {}
     bad = 0
-    for k in keys:
-        snaps = _snap_rows(store, k)
-        corrupt_records = store.read_view(k).corrupt
-        report[k] = {"snapshots": snaps, "corrupt_records": corrupt_records}
-        bad += sum(not s["ok"] for s in snaps) + len(corrupt_records)
+    for key_ in keys:
+        r = store.report(key_)
+        snaps = [_snap_row(rec, err) for rec, err in r.snapshots]
+        damage = [{"record": d.seq, "kind": d.kind, "detail": d.detail} for d in r.damaged]
+        report[key_] = {
+            "snapshots": snaps,
+            "log_damage": damage,
+            "anomalies": r.anomalies,
+            "problems": r.problems,
+        }
+        bad += len(r.problems)
+    # Links elsewhere in the store (outside any stage) are reported too.
+    staged = tuple(f"{k_}/" for k_ in keys)
+    stray = [p for p in stray if not p.startswith(staged)]
+    bad += len(stray)
     if a.json:
-        print(json.dumps({"ok": bad == 0, "stages": report}, indent=2, default=str))
+        print(json.dumps({"ok": bad == 0, "stages": report, "anomalies": stray}, indent=2))
     else:
-        for k, r in report.items():
+        for key_, r in report.items():
             if r["snapshots"]:
-                _print_snaps(out, r["snapshots"], title=k)
-            if r["corrupt_records"]:
-                out.print(f"[red]{k}: corrupt log records {r['corrupt_records']}[/red]")
+                _print_snaps(out, r["snapshots"], title=_readable(key_))
+            for line in r["problems"]:
+                out.print(f"[red]{_readable(key_)}: {line}[/red]")
+        for p in stray:
+            out.print(f"[red]{p}: a symbolic link or special file; faultkit ignores it[/red]")
         verdict = "[green]all verified[/green]" if not bad else f"[red]{bad} problem(s)[/red]"
         out.print(f"{len(keys)} stage(s): {verdict}")
     return 1 if bad else 0
 
 
 def cmd_gc(store: CheckpointStore, a: argparse.Namespace, out: Console) -> int:
-    keys = [a.key] if a.key else store.keys()
+    k = _key_arg(a.key)
+    keys = [k] if k else store.keys()
     report = {k: store.gc(k, keep=a.keep, grace=a.grace) for k in keys}
     if a.json:
         print(json.dumps(report, indent=2))
@@ -186,7 +234,8 @@ def cmd_gc(store: CheckpointStore, a: argparse.Namespace, out: Console) -> int:
         for col in ("key", "kept steps", "removed steps", "orphans", "temp files"):
             t.add_column(col)
         for k, r in report.items():
-            t.add_row(k, str(r["kept"]), str(r["removed"]), str(r["orphans"]), str(r["temp_files"]))
+            cells = [str(r[c]) for c in ("kept", "removed", "orphans", "temp_files")]
+            t.add_row(_readable(k), *cells)
         out.print(t)
     return 0
 
@@ -196,8 +245,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def store_cmd(name: str, help_: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_)
-        sp.add_argument("store", metavar="STORE_URL")
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument(
+            "store",
+            metavar="STORE_URL",
+            help="the store: file:///path, s3://bucket/prefix (never created by this command)",
+        )
         sp.add_argument(
             "-o",
             "--option",
@@ -209,11 +262,16 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--json", action="store_true", help="machine-readable output")
         return sp
 
-    store_cmd("ls", "list stages").add_argument("prefix", nargs="?", default="")
-    store_cmd("show", "show one stage").add_argument("key")
-    store_cmd("verify", "verify snapshots (exit 1 on corruption)").add_argument("key", nargs="?")
+    key_help = "a stage key as stored, or the parts given to faultkit.key(...), one argument each"
+    store_cmd("ls", "list stages").add_argument(
+        "prefix", nargs="?", default="", help="only keys starting with this (as stored)"
+    )
+    store_cmd("show", "show one stage").add_argument("key", nargs="+", metavar="KEY", help=key_help)
+    store_cmd("verify", "verify logs and snapshots (exit 1 on any damage)").add_argument(
+        "key", nargs="*", metavar="KEY", help=key_help + "; default: every stage"
+    )
     gc = store_cmd("gc", "remove old snapshots and leftovers")
-    gc.add_argument("key", nargs="?")
+    gc.add_argument("key", nargs="*", metavar="KEY", help=key_help + "; default: every stage")
     gc.add_argument("--keep", type=int, default=3, help="valid snapshots to keep (min 1)")
     gc.add_argument(
         "--grace",
@@ -238,12 +296,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run(a, out)
     try:
-        store = CheckpointStore(a.store, **_options(a.option))
+        store = CheckpointStore(a.store, must_exist=True, **_options(a.option, a.store))
         return {"ls": cmd_ls, "show": cmd_show, "verify": cmd_verify, "gc": cmd_gc}[a.command](
             store, a, out
         )
     except FaultkitError as exc:
-        out.print(f"[red]faultkit {a.command}: {exc}[/red]")
+        err = Console(stderr=True, soft_wrap=True, highlight=False)
+        err.print(f"faultkit {a.command}: {exc}", style="red", markup=False)
         return 2
 
 

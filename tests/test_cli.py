@@ -81,4 +81,4 @@ def test_gc_keeps_newest(populated):
 def test_bad_url_is_a_clear_error():
     """An unsupported store URL exits 2 with a message saying what works."""
     r = _cli("ls", "gs://nope")
-    assert r.returncode == 2 and "file://" in r.stdout
+    assert r.returncode == 2 and "file://" in r.stderr

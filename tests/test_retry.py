@@ -14,7 +14,6 @@ import pytest
 
 import faultkit
 from faultkit import RetryPolicy, classify, retry_test_mode
-from faultkit.events import subscribe
 
 FAST = {"wait_initial": 0.0, "wait_jitter": 0.0}
 
@@ -34,15 +33,6 @@ class Flaky:
             self.raised.append(exc)
             raise exc
         return self.calls
-
-
-@pytest.fixture
-def events():
-    """Every event emitted during the test."""
-    got = []
-    unsubscribe = subscribe(got.append)
-    yield got
-    unsubscribe()
 
 
 def test_retried_until_success(events):
