@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
+from .._errors import SinkBusyError, SinkInputError
 from ._file import FileSink
 from ._sql import SqlSink
 
-__all__ = ["FileSink", "SqlSink"]
+__all__ = ["FileSink", "SinkBusyError", "SinkInputError", "SqlSink"]
