@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import collections
 import io
+import json
 import os
 import pickle
 import random
@@ -21,6 +22,7 @@ np = pytest.importorskip("numpy")
 
 from faultkit import (  # noqa: E402
     CheckpointStore,
+    CorruptCheckpointError,
     StaleAttemptError,
     UnsafeCheckpointError,
     subscribe,
@@ -364,3 +366,59 @@ def test_bad_configuration_is_refused(store):
             TrainingCheckpointer(stage)
         with pytest.raises(TypeError, match="state_dict"):
             TrainingCheckpointer(stage, extra={"x": object()}, every_steps=1)
+
+
+@pytest.mark.parametrize(
+    "where", [pytest.param("json", id="deep-json"), pytest.param("tree", id="deep-tree")]
+)
+def test_deeply_nested_header_is_corrupt_not_a_crash(where):
+    """A header nested 100,000 levels deep (a crafted snapshot) is a CorruptCheckpointError,
+    not a RecursionError, and a state nested too deep is refused at save with a TypeError."""
+    import struct
+
+    from faultkit.torch._format import MAGIC
+
+    if where == "json":
+        header = b"[" * 100_000 + b"]" * 100_000
+    else:
+        tree = "0"
+        for _ in range(500):
+            tree = '{"a":' + tree + "}"
+        head = {"v": 1, "byteorder": sys.byteorder, "tensors": []}
+        header = (json.dumps(head)[:-1] + ',"tree":' + tree + "}").encode()
+    blob = MAGIC + struct.pack("<Q", len(header)) + header
+    with pytest.raises(CorruptCheckpointError, match="nested"):
+        decode(blob)
+    deep: dict = {}
+    node = deep
+    for _ in range(200):
+        node["a"] = {}
+        node = node["a"]
+    with pytest.raises(TypeError, match="nested deeper"):
+        encode({"state": deep})
+
+
+def test_loader_seeding_from_the_global_rng_is_warned_at_restore(store):
+    """A DataLoader over the checkpointed ResumableSampler without generator= would shift the
+    restored RNG stream: restore() says so, loudly, naming the fix; with it, no warning."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    data = TensorDataset(torch.arange(64.0).reshape(32, 2))
+    for generator, warned in ((False, True), (True, False)):
+        sampler = ResumableSampler(data, seed=1)
+        loader = DataLoader(  # noqa: F841 - found by restore() through the garbage collector
+            data, batch_size=4, sampler=sampler, generator=sampler.generator if generator else None
+        )
+        model = torch.nn.Linear(2, 1)
+        k = f"t/loader-{generator}"
+        with store.stage(k) as st:
+            c = TrainingCheckpointer(st, model=model, extra={"sampler": sampler}, every_steps=1)
+            c.step(0)
+            c.close()
+        with store.stage(k) as st, warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            c = TrainingCheckpointer(st, model=model, extra={"sampler": sampler}, every_steps=1)
+            c.restore()
+            c.close()
+        hit = [w for w in got if "generator=sampler.generator" in str(w.message)]
+        assert bool(hit) is warned, [str(w.message) for w in got]

@@ -113,9 +113,7 @@ def _run(
         sampler = ResumableSampler(data, seed=seed)
         # Its own generator: an iterator draws a seed when created, and a resumed run creates
         # one at a point where the uninterrupted run does not.
-        loader = DataLoader(
-            data, batch_size=BATCH, sampler=sampler, generator=torch.Generator().manual_seed(seed)
-        )
+        loader = DataLoader(data, batch_size=BATCH, sampler=sampler, generator=sampler.generator)
         model = torch.nn.Sequential(
             torch.nn.Linear(FEATURES, 64),
             torch.nn.ReLU(),

@@ -7,7 +7,7 @@ The data position must be part of the state, or a mid-epoch resume reuses or ski
 
     sampler = ResumableSampler(dataset, seed=0)
     loader = DataLoader(dataset, batch_size=32, sampler=sampler,
-                        generator=torch.Generator())   # keeps iter() off the global RNG
+                        generator=sampler.generator)   # keeps iter() off the global RNG
     ckpt = TrainingCheckpointer(stage, model=m, optimizer=opt, extra={"sampler": sampler},
                                 every_steps=100)
 

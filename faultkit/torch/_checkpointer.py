@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -56,6 +57,9 @@ def _sole_owner(data: Any) -> bool:
         return False
     # bytes nobody else holds, or a writable private (copy-on-write) map of the file
     return type(data) is bytes or (type(data) is memoryview and not data.readonly)
+
+
+_WARNED_LOADERS: set[int] = set()
 
 
 def _is_data_position(obj: Any) -> bool:
@@ -532,6 +536,7 @@ class TrainingCheckpointer:
             obj.load_state_dict(clone_tensors(state))
         if local is not None:
             _rng.restore(local["rng"])
+        self._warn_global_seed_loaders(step)
         if self.check_data_position and not any(_is_data_position(v) for v in self.extra.values()):
             warnings.warn(
                 f"stage {key!r} resumed after step {step}, but no extra object records the "
@@ -542,6 +547,33 @@ class TrainingCheckpointer:
                 ResumeWarning,
                 stacklevel=3,
             )
+
+    def _warn_global_seed_loaders(self, step: int) -> None:
+        """Warn once per loader that feeds a checkpointed sampler but seeds its epochs from
+        the global torch RNG: the restored RNG stream would then be one draw off."""
+        from torch.utils.data import BatchSampler, DataLoader
+
+        samplers = {id(v) for v in self.extra.values() if isinstance(v, ResumableSampler)}
+        if not samplers:
+            return
+        for obj in gc.get_objects():
+            if not isinstance(obj, DataLoader) or obj.generator is not None:
+                continue
+            inner = obj.sampler
+            if isinstance(obj.batch_sampler, BatchSampler):
+                inner = obj.batch_sampler.sampler
+            if id(inner) in samplers and id(obj) not in _WARNED_LOADERS:
+                _WARNED_LOADERS.add(id(obj))
+                warnings.warn(
+                    f"stage {self.stage.key!r} resumed after step {step}, but a DataLoader "
+                    "over its ResumableSampler has no generator=: it seeds every epoch from "
+                    "the global torch RNG, which this restore just set, so the next epoch "
+                    "shifts the random stream (dropout, augmentation) and the run is NOT "
+                    "bit for bit. Build it as DataLoader(..., sampler=sampler, "
+                    "generator=sampler.generator).",
+                    ResumeWarning,
+                    stacklevel=4,
+                )
 
     def _local_state(self, tree: dict[str, Any], step: int) -> dict[str, Any] | None:
         w = self._world

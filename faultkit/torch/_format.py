@@ -37,6 +37,7 @@ __all__ = ["MAGIC", "Encoded", "clone_tensors", "decode", "encode"]
 MAGIC = b"FKTORCH\x01"
 ALIGN = 64
 TAG = "__fk__"
+MAX_DEPTH = 100  # nesting of a state tree; deeper is a mistake or a malicious header
 _PREFIX = len(MAGIC) + 8
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -157,7 +158,12 @@ class _Encoder:
         self.tensors.append(t.detach())
         return len(self.tensors) - 1
 
-    def enc(self, obj: Any, path: str) -> Any:
+    def enc(self, obj: Any, path: str, depth: int = 0) -> Any:
+        if depth > MAX_DEPTH:
+            raise TypeError(
+                f"{self.what}: {path[:80]}... is nested deeper than {MAX_DEPTH} levels; "
+                "flatten the state in state_dict()"
+            )
         if obj is None or isinstance(obj, (bool, str)):
             return obj
         if isinstance(obj, int):
@@ -186,26 +192,32 @@ class _Encoder:
                     "shape": list(arr.shape),
                 }
             if isinstance(obj, np.generic) and obj.dtype.kind in "biuf":
-                return self.enc(obj.item(), path)
+                return self.enc(obj.item(), path, depth)
         if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
-            return {TAG: "tuple", "v": [self.enc(v, f"{path}[{i}]") for i, v in enumerate(obj)]}
+            return {
+                TAG: "tuple",
+                "v": [self.enc(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(obj)],
+            }
         if isinstance(obj, list):
-            return [self.enc(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+            return [self.enc(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(obj)]
         if isinstance(obj, torch.Size):
             return {TAG: "tuple", "v": [int(v) for v in obj]}
         if isinstance(obj, dict) and type(obj) in (dict, collections.OrderedDict):
             meta = getattr(obj, "_metadata", None)
             if type(obj) is dict and all(type(k) is str for k in obj) and TAG not in obj:
-                return {k: self.enc(v, f"{path}[{k!r}]") for k, v in obj.items()}
+                return {k: self.enc(v, f"{path}[{k!r}]", depth + 1) for k, v in obj.items()}
             out: dict[str, Any] = {
                 TAG: "odict" if type(obj) is collections.OrderedDict else "dict",
                 "v": [
-                    [self.enc(k, f"{path} key"), self.enc(v, f"{path}[{k!r}]")]
+                    [
+                        self.enc(k, f"{path} key", depth + 1),
+                        self.enc(v, f"{path}[{k!r}]", depth + 1),
+                    ]
                     for k, v in obj.items()
                 ],
             }
             if meta is not None:
-                out["meta"] = self.enc(meta, f"{path}._metadata")
+                out["meta"] = self.enc(meta, f"{path}._metadata", depth + 1)
             return out
         raise self.fail(path, obj)
 
@@ -271,6 +283,10 @@ def decode(data: bytes | bytearray | memoryview) -> Any:
             )
         entries = header["tensors"]
         tree = header["tree"]
+    except RecursionError as exc:
+        raise CorruptCheckpointError(
+            f"snapshot header is nested deeper than this Python can parse (limit {MAX_DEPTH})"
+        ) from exc
     except (ValueError, KeyError, AttributeError, TypeError) as exc:
         raise CorruptCheckpointError(f"snapshot header is malformed: {exc}") from exc
     base = _PREFIX + hlen
@@ -314,28 +330,31 @@ class _Decoder:
             raise CorruptCheckpointError(f"snapshot refers to tensor {i!r}, which it lacks")
         return self.tensors[i]
 
-    def dec(self, obj: Any) -> Any:
+    def dec(self, obj: Any, depth: int = 0) -> Any:
+        if depth > MAX_DEPTH:
+            raise CorruptCheckpointError(f"snapshot state is nested deeper than {MAX_DEPTH}")
+        d = depth + 1
         if isinstance(obj, list):
-            return [self.dec(v) for v in obj]
+            return [self.dec(v, d) for v in obj]
         if not isinstance(obj, dict):
             return obj
         tag = obj.get(TAG)
         if tag is None:
-            return {k: self.dec(v) for k, v in obj.items()}
+            return {k: self.dec(v, d) for k, v in obj.items()}
         try:
             if tag == "tensor":
                 return self.tensor(obj["i"])
             if tag == "tuple":
-                return tuple(self.dec(v) for v in obj["v"])
+                return tuple(self.dec(v, d) for v in obj["v"])
             if tag in ("dict", "odict"):
                 out: dict[Any, Any] = {} if tag == "dict" else collections.OrderedDict()
                 for k, v in obj["v"]:
-                    k = self.dec(k)
+                    k = self.dec(k, d)
                     if isinstance(k, (list, dict)):
                         raise CorruptCheckpointError("snapshot has an unhashable dict key")
-                    out[k] = self.dec(v)
+                    out[k] = self.dec(v, d)
                 if "meta" in obj and tag == "odict":
-                    out._metadata = self.dec(obj["meta"])  # type: ignore[attr-defined]
+                    out._metadata = self.dec(obj["meta"], d)  # type: ignore[attr-defined]
                 return out
             if tag == "dtype":
                 return _DTYPES[obj["v"]]

@@ -20,9 +20,13 @@ class ResumableSampler(Sampler[int]):
     the next batch. An epoch that runs out moves the sampler to the next epoch by itself;
     ``set_epoch`` (as with ``DistributedSampler``) also works.
 
-    Use it with ``DataLoader(num_workers=0)`` or any loader that fetches indices only when it
-    builds a batch. Loaders with worker processes prefetch indices ahead of training: for
-    them use torchdata's ``StatefulDataLoader`` in ``extra=`` instead.
+    Use it with ``DataLoader(..., sampler=sampler, generator=sampler.generator)`` and
+    ``num_workers=0`` (or any loader that fetches indices only when it builds a batch). The
+    ``generator=`` matters: without it a ``DataLoader`` draws a seed from the global torch
+    RNG each time an epoch starts, so after a resume the RNG stream (dropout, augmentation)
+    is one draw off and the run is no longer bit for bit; ``TrainingCheckpointer.restore()``
+    warns when it sees such a loader. Loaders with worker processes prefetch indices ahead
+    of training: for them use torchdata's ``StatefulDataLoader`` in ``extra=`` instead.
 
     Args:
         data_source: the dataset (anything with ``len()``) or its length.
@@ -65,6 +69,10 @@ class ResumableSampler(Sampler[int]):
             self.num_samples = math.ceil(self.size / self.num_replicas)
         self.epoch = 0
         self.position = 0
+        # The loader's own seed source (see the class docstring), so that starting an epoch
+        # draws nothing from the global RNG that the checkpointer restores.
+        self.generator = torch.Generator()
+        self.generator.manual_seed(self.seed)
 
     def __len__(self) -> int:
         return self.num_samples
