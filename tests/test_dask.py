@@ -227,14 +227,17 @@ def test_finished_task_not_recomputed_after_worker_loss(ready):
     addr = sorted(c.scheduler_info()["workers"])[0]
     ours, plain = str(env.dir / "fin-ours"), str(env.dir / "fin-plain")
     lost_before = len(_alerts(env.receiver, "worker_lost"))
-    f1 = c.submit(
-        resumable(_side_effect), ours, 21, key="fin-ours", workers=[addr], allow_other_workers=True
-    )
-    f2 = c.submit(
-        _plain_side_effect, plain, 21, key="fin-plain", workers=[addr], allow_other_workers=True
-    )
+    # Pinned to one worker (no work stealing), then let loose so the rerun can go elsewhere.
+    f1 = c.submit(resumable(_side_effect), ours, 21, key="fin-ours", workers=[addr])
+    f2 = c.submit(_plain_side_effect, plain, 21, key="fin-plain", workers=[addr])
     wait_until(lambda: f1.status == f2.status == "finished", 60, "both tasks finished")
     assert set(c.who_has([f1, f2]).values()) == {(addr,)}
+
+    def loosen(dask_scheduler, keys=("fin-ours", "fin-plain")) -> None:
+        for k in keys:
+            dask_scheduler.tasks[k].loose_restrictions = True
+
+    c.run_on_scheduler(loosen)
     pid = c.run(os.getpid, workers=[addr])[addr]
     os.kill(pid, signal.SIGKILL)
 
