@@ -50,16 +50,31 @@ def resolve_store(store_conn_id: str | None, store_url: str | None) -> Checkpoin
         return CheckpointStore(store_url)
     from .hooks import CheckpointHook
 
-    return CheckpointHook(conn_id=store_conn_id or CheckpointHook.default_conn_name).get_store()
+    return CheckpointHook(store_conn_id).get_store()
 
 
-def store_config_of(task: Any) -> tuple[str | None, str | None] | None:
-    """``(store_conn_id, store_url)`` of a resumable task (mapped or not), else None."""
+def store_config_of(
+    task: Any, context: Mapping[str, Any] | None = None
+) -> tuple[str | None, str | None] | None:
+    """``(store_conn_id, store_url)`` of a resumable task (mapped or not), else None.
+
+    With ``context``, a templated ``store_url`` is rendered in it. A callback that the DAG
+    processor runs (heartbeat timeout) gets the task as parsed, its template unrendered,
+    and Airflow 3.3 gives it no way to read what the try rendered: the DAG processor has no
+    DB access (so no ``rendered_task_instance_fields``) and answers no ``task_state_store``
+    read (so not the pointer the operator writes either). Its context carries what the try
+    rendered from, the DAG run (logical date, conf, run id) and params, so the template is
+    rendered again with it; a template that reads the clock or other changing state can
+    render differently and is not supported for ``store_url``. In the worker the task is
+    already rendered and rendering is a no-op.
+    """
     for source in (task, getattr(task, "partial_kwargs", None)):
         if source is None:
             continue
         get = source.get if isinstance(source, Mapping) else lambda n, s=source: getattr(s, n, None)
         conn, url = get("store_conn_id"), get("store_url")
+        if isinstance(url, str) and context is not None and hasattr(task, "render_template"):
+            url = task.render_template(url, context)
         if conn or url:
             return conn, url
     return None

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["get_provider_info"]
+__all__ = ["ALERT_URLS_FIELD", "get_provider_info"]
+
+#: The connection extra holding the Apprise URLs. Airflow's API and UI hide an extra's value
+#: only when its *name* matches a sensitive field name (``secret``, ``token``, ``password``, ...
+#: plus ``[core] sensitive_var_conn_names``); ``format: password`` in the connection form
+#: changes only the input widget. So the name carries "secret": GET /api/v2/connections shows
+#: ``***``, and a PATCH that sends ``***`` back (the UI's edit form) keeps the stored value.
+ALERT_URLS_FIELD = "alert_urls_secret"
 
 
 def get_provider_info() -> dict[str, Any]:
@@ -59,10 +66,11 @@ def get_provider_info() -> dict[str, Any]:
                         '{"client_kwargs": {"endpoint_url": "http://minio:9000"}}.',
                         "schema": {"type": ["object", "null"], "format": "json"},
                     },
-                    "alert_urls": {
+                    ALERT_URLS_FIELD: {  # a sensitive name: see ALERT_URLS_FIELD
                         "label": "Alert URLs",
                         "description": "Apprise URLs (Slack, e-mail, PagerDuty, webhooks), "
-                        "comma-separated. They hold tokens, so they are masked.",
+                        "comma-separated. They hold tokens: the API, the UI and task logs "
+                        "show them as ***.",
                         "schema": {"type": ["string", "null"], "format": "password"},
                     },
                     "dedupe_window": {

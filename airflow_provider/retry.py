@@ -14,10 +14,12 @@ import time
 from datetime import timedelta
 from typing import Any
 
-from airflow.sdk.definitions.retry_policy import RetryDecision
-from airflow.sdk.definitions.retry_policy import RetryPolicy as AirflowRetryPolicy
+from airflow.sdk import RetryDecision
+from airflow.sdk import RetryPolicy as AirflowRetryPolicy
 
 from faultkit import RetryPolicy
+
+from ._common import ti_stage_key
 
 __all__ = ["FaultkitRetryPolicy"]
 
@@ -25,13 +27,9 @@ _STATE_KEY = "faultkit.retry"
 
 
 def _stage_key(context: Any) -> str:
-    """dag_id/run_id/task_id/map_index, the adapter's stage key, for events."""
-    ti = (context or {}).get("ti") if hasattr(context, "get") else None
-    if ti is None:
-        return ""
-    parts = [getattr(ti, "dag_id", ""), getattr(ti, "run_id", ""), getattr(ti, "task_id", "")]
-    map_index = getattr(ti, "map_index", -1)
-    return "/".join(str(p) for p in [*parts, map_index if map_index is not None else -1])
+    """The task's stage key (the key of every other alert about it), for events."""
+    ti = context.get("ti") if hasattr(context, "get") else None
+    return ti_stage_key(ti) if ti is not None else ""
 
 
 class FaultkitRetryPolicy(AirflowRetryPolicy):

@@ -9,7 +9,7 @@ Configuration:
 
 * connection ``faultkit_default`` (type ``faultkit``): the checkpoint store and alert URLs,
   e.g. ``AIRFLOW_CONN_FAULTKIT_DEFAULT='{"conn_type": "faultkit", "extra": {"store_url":
-  "file:///shared/ck", "alert_urls": "json://alerts.example/hook"}}'``;
+  "file:///shared/ck", "alert_urls_secret": "json://alerts.example/hook"}}'``;
 * the sink: param ``sink_url``, else Variable ``faultkit_sink_url``, else env
   ``FAULTKIT_SINK_URL``, else SQLite in the temp folder;
 * the table: param ``table``, else ``orders_<hash of the run id>`` (so each run loads its

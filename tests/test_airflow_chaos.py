@@ -12,13 +12,13 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import urllib.request
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from airflow_provider._common import stage_key
 from faultkit import CheckpointStore
 from faultkit.demo._airflow import kill_task_process
 from faultkit.testing import AlertReceiver, wait_until
@@ -28,6 +28,9 @@ if importlib.util.find_spec("airflow.sdk") is None:
     pytest.skip(
         "apache-airflow is not installed (pip install 'faultkit[airflow]')", allow_module_level=True
     )
+
+from airflow_provider import get_provider_info  # noqa: E402
+from airflow_provider._common import stage_key  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
+from urllib.parse import urlsplit
 
 from airflow.sdk import DAG
 
@@ -53,14 +57,47 @@ def leaky(*, stage):
     # A careless task logs what it read; the masker must hide the credentials.
     logging.getLogger("airflow.task").info("settings %s", hook.settings().storage_options)
     logging.getLogger("airflow.task").info("alerts %s", hook.alert_urls())
+    logging.getLogger("airflow.task").info("token %s", urlsplit(hook.alert_urls()[0]).password)
     conn = hook.get_connection("faultkit_default")
     logging.getLogger("airflow.task").info("password %s", conn.password)
+    logging.getLogger("airflow.task").info("extra %s", conn.extra_dejson)
     return "ok"
 
 
 with DAG("fk_unit_leaky", schedule=None, start_date=datetime(2024, 1, 1), catchup=False) as dag:
     ResumablePythonOperator(task_id="work", python_callable=leaky)
 
+"""
+
+# A resumable task whose store_url is templated, alerted on by FaultkitNotifier: the heartbeat-
+# timeout callback runs in the DAG processor, with the task as parsed (template unrendered);
+# the resumed try reports the lost one too (alerts=), deduplicated in the same store.
+TEMPLATED_DAG = """
+from __future__ import annotations
+
+import time
+from datetime import datetime, timedelta
+
+from airflow.sdk import DAG
+
+from airflow_provider.notifications import FaultkitNotifier
+from airflow_provider.operators import ResumablePythonOperator
+
+NOTIFY = FaultkitNotifier()
+
+
+def slow(*, stage):
+    for u in stage.pending(range(16)):
+        time.sleep(0.5)
+        stage.done(u)
+    return stage.epoch
+
+
+with DAG("fk_templated", schedule=None, start_date=datetime(2024, 1, 1), catchup=False,
+         default_args={"on_retry_callback": NOTIFY, "on_failure_callback": NOTIFY}) as dag:
+    ResumablePythonOperator(task_id="work", python_callable=slow, retries=2,
+                            retry_delay=timedelta(seconds=1), alerts=["ALERT_URL"],
+                            store_url="STORE_ROOT/ck-{{ ds_nodash }}")
 """
 
 
@@ -76,6 +113,11 @@ def deployment(tmp_path_factory):
         shutil.copy(REPO / "dags" / f, dags / f)
     (dags / "fk_leaky.py").write_text(LEAKY_DAG)
     receiver = AlertReceiver().start()
+    (dags / "fk_templated.py").write_text(
+        TEMPLATED_DAG.replace("STORE_ROOT", f"file://{home}").replace(
+            "ALERT_URL", receiver.url(path="templated")
+        )
+    )
     store_url = f"file://{home}/store"
     sink_url = f"sqlite:///{home}/sink.db"
     conn = {
@@ -84,7 +126,7 @@ def deployment(tmp_path_factory):
         "password": S3_SECRET,
         "extra": {
             "store_url": store_url,
-            "alert_urls": f"json://alerts:{ALERT_SECRET}@127.0.0.1:{receiver.port}/hook",
+            "alert_urls_secret": f"json://alerts:{ALERT_SECRET}@127.0.0.1:{receiver.port}/hook",
         },
     }
     env = {
@@ -96,9 +138,15 @@ def deployment(tmp_path_factory):
         with airflow_env(
             home / "home", env=env, dags_folder=dags, heartbeat_timeout=HEARTBEAT_TIMEOUT
         ) as af:
-            af.wait_parsed("faultkit_etl", "faultkit_train", "fk_unit_leaky", timeout=240)
+            af.wait_parsed(
+                "faultkit_etl", "faultkit_train", "fk_unit_leaky", "fk_templated", timeout=240
+            )
             yield SimpleNamespace(
-                af=af, receiver=receiver, store=CheckpointStore(store_url), sink_url=sink_url
+                af=af,
+                home=home,
+                receiver=receiver,
+                store=CheckpointStore(store_url),
+                sink_url=sink_url,
             )
     finally:
         receiver.stop()
@@ -292,3 +340,106 @@ def wait_until_alerts(receiver: AlertReceiver, run_id: str, n: int) -> list[dict
     except TimeoutError:
         pass
     return _alerts_for(receiver, run_id)
+
+
+def test_templated_store_heartbeat_timeout_one_alert_with_real_progress(deployment):
+    """A lost try of a task with a templated store_url gives one alert stating its progress."""
+    dep = deployment
+    run_id = f"manual__{uuid.uuid4().hex[:12]}"
+    dep.af.cli(
+        "dags",
+        "trigger",
+        "fk_templated",
+        "--run-id",
+        run_id,
+        "--logical-date",
+        "2024-03-05T00:00:00+00:00",
+    )
+    store = CheckpointStore(f"file://{dep.home}/ck-20240305")
+    k = stage_key("fk_templated", run_id, "work", -1)
+    wait_until(
+        lambda: (
+            dep.af.run_state(run_id) in ("success", "failed") or len(store.read_view(k).units) >= 2
+        ),
+        240,
+        "fk_templated.work to commit two units",
+        interval=0.05,
+    )
+    proc = _task_process(dep.af, run_id, "work")
+    assert proc is not None, "no live task process (it finished first?)"
+    # The supervisor first (no heartbeat, no report: a heartbeat timeout), then the orphaned
+    # task, so the progress the alert must state stops changing.
+    assert kill_task_process(proc.parent().pid), "the supervisor's SIGKILL did not land"
+    assert kill_task_process(proc.pid), "the task's SIGKILL did not land"
+    done = len(store.read_view(k).units)
+    assert 2 <= done < 16, "the kill must land mid-stage"
+
+    assert dep.af.wait(run_id, timeout=300) == "success"
+    assert store.read_view(k).epoch == 2
+    wait_until(
+        lambda: bool(
+            dep.af.query(
+                "SELECT 1 FROM log WHERE run_id = :r AND event = 'heartbeat timeout'", r=run_id
+            )
+        ),
+        60,
+        "the scheduler to record the heartbeat timeout",
+    )
+    # The DAG processor's callback and the resumed try each build the alert; whichever
+    # comes second finds it already sent in the stage's store and logs the suppression.
+    wait_until(
+        lambda: (
+            f"for {k} suppressed" in dep.af.task_logs()
+            or len(_alerts_for(dep.receiver, run_id)) > 1
+        ),
+        120,
+        "the second path (DAG processor callback or resumed try) to report the lost try",
+    )
+    alerts = wait_until_alerts(dep.receiver, run_id, 1)
+    assert len(alerts) == 1, alerts
+    assert "retry scheduled" in alerts[0]["title"] and k in alerts[0]["title"]
+    assert f"Kept: {done} unit(s) done" in alerts[0]["message"], alerts[0]["message"]
+    assert not list(dep.home.glob("*{{*")), "an unrendered store_url named a store"
+
+
+def _api(af, method: str, path: str, body: dict | None = None):
+    """One JSON request to the API server (all users are admins in this deployment)."""
+    req = urllib.request.Request(
+        af.api_url + path,
+        method=method,
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(req, timeout=60) as r:
+        return json.loads(r.read() or b"null")
+
+
+def test_connection_api_hides_alert_tokens(deployment):
+    """The REST API shows a connection's Slack/PagerDuty tokens as ***; a UI edit keeps them."""
+    af = deployment.af
+    fields = get_provider_info()["connection-types"][0]["conn-fields"]
+    # The key the UI's connection form stores the "Alert URLs" field under.
+    (alert_key,) = [name for name, f in fields.items() if f["label"] == "Alert URLs"]
+    slack = f"xoxb{uuid.uuid4().hex}"
+    pagerduty = f"pd{uuid.uuid4().hex}"
+    urls = f"slack://T0AAAA/B0BBBB/{slack}/#ops, pagerduty://{pagerduty}@R0UT1NGKEY1234"
+    extra = {"store_url": f"file://{deployment.home}/api-store", alert_key: urls}
+    _api(
+        af,
+        "POST",
+        "/api/v2/connections",
+        {"connection_id": "fk_alerting", "conn_type": "faultkit", "extra": json.dumps(extra)},
+    )
+    shown = _api(af, "GET", "/api/v2/connections/fk_alerting")
+    listed = _api(af, "GET", "/api/v2/connections")
+    for text in (json.dumps(shown), json.dumps(listed)):
+        assert slack not in text and pagerduty not in text
+    assert json.loads(shown["extra"])[alert_key] == "***"
+    assert json.loads(shown["extra"])["store_url"] == extra["store_url"]
+
+    # The UI's edit form sends back what it was shown: the tokens must survive that.
+    _api(af, "PATCH", "/api/v2/connections/fk_alerting", {**shown, "description": "edited"})
+    (row,) = af.query("SELECT extra, description FROM connection WHERE conn_id = 'fk_alerting'")
+    assert row["description"] == "edited"
+    assert json.loads(row["extra"])[alert_key] == urls

@@ -11,20 +11,23 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
 
-from airflow_provider._common import stage_key
-from faultkit import CheckpointStore
+from faultkit import Alerter, CheckpointStore, subscribe
 from faultkit.testing import AlertReceiver
 
 if importlib.util.find_spec("airflow.sdk") is None:
     pytest.skip(
         "apache-airflow is not installed (pip install 'faultkit[airflow]')", allow_module_level=True
     )
+
+from airflow_provider._common import stage_key
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "s3cr3t-d0-not-log-7f3a9c"
@@ -93,6 +96,61 @@ with DAG("fk_unit_slow", schedule=None, start_date=datetime(2024, 1, 1), catchup
                             store_url=os.environ["FK_UNIT_STORE"], retries=3)
 """
 
+# Its store_url is templated: the worker renders it, the DAG processor's callbacks get it raw.
+TEMPLATED_DAG = """
+from __future__ import annotations
+
+import os
+from datetime import datetime
+
+from airflow.sdk import DAG
+
+from airflow_provider.notifications import FaultkitNotifier
+from airflow_provider.operators import ResumablePythonOperator
+
+NOTIFY = FaultkitNotifier([os.environ["FK_UNIT_ALERT_URL"]], conn_id=None)
+
+
+def three_units(*, stage):
+    for u in stage.pending(range(3)):
+        stage.done(u)
+    return stage.epoch
+
+
+with DAG("fk_unit_templated", schedule=None, start_date=datetime(2024, 1, 1), catchup=False,
+         default_args={"on_retry_callback": NOTIFY, "on_failure_callback": NOTIFY}) as dag:
+    ResumablePythonOperator(task_id="work", python_callable=three_units, retries=1,
+                            store_url=os.environ["FK_UNIT_STORE"] + "-ck-{{ ds_nodash }}")
+"""
+
+# The notifier's URLs and store are templates.
+NOTIFY_DAG = """
+from __future__ import annotations
+
+import os
+from datetime import datetime
+
+from airflow.sdk import DAG, task
+
+from airflow_provider.notifications import FaultkitNotifier
+
+NOTIFY = FaultkitNotifier(
+    ["{{ params.alert_base }}/{{ dag.dag_id }}"],
+    conn_id=None,
+    store_url=os.environ["FK_UNIT_STORE"] + "-notify-{{ ds_nodash }}",
+)
+
+with DAG("fk_unit_notify", schedule=None, start_date=datetime(2024, 1, 1), catchup=False,
+         params={"alert_base": ""},
+         default_args={"on_failure_callback": NOTIFY}) as dag:
+
+    @task
+    def boom():
+        raise ValueError("boom")
+
+    boom()
+"""
+
 
 @pytest.fixture(scope="module")
 def receiver():
@@ -111,7 +169,12 @@ def airflow_home(tmp_path_factory, receiver):
     dags.mkdir()
     for f in ("faultkit_etl.py", "faultkit_train.py"):
         shutil.copy(REPO / "dags" / f, dags / f)
-    for name, text in (("fk_unit_flaky", FLAKY_DAG), ("fk_unit_slow", SLOW_DAG)):
+    for name, text in (
+        ("fk_unit_flaky", FLAKY_DAG),
+        ("fk_unit_slow", SLOW_DAG),
+        ("fk_unit_templated", TEMPLATED_DAG),
+        ("fk_unit_notify", NOTIFY_DAG),
+    ):
         (dags / f"{name}.py").write_text(textwrap.dedent(text))
     conn = {
         "conn_type": "faultkit",
@@ -120,7 +183,7 @@ def airflow_home(tmp_path_factory, receiver):
         "extra": {
             "store_url": f"file://{root}/store",
             "storage_options": {"client_kwargs": {"endpoint_url": "http://127.0.0.1:1"}},
-            "alert_urls": f"json://user:{SECRET}x@127.0.0.1:{receiver.port}/hook",
+            "alert_urls_secret": f"json://user:{SECRET}x@127.0.0.1:{receiver.port}/hook",
         },
     }
     env = {
@@ -203,7 +266,7 @@ def test_providers_manager_registers_everything(airflow_home):
     assert hook.hook_class_name == "airflow_provider.hooks.CheckpointHook"
     widgets = pm._connection_form_widgets_from_metadata
     assert widgets["extra__faultkit__store_url"].field["schema"]["title"] == "Store URL"
-    assert widgets["extra__faultkit__alert_urls"].is_sensitive
+    assert widgets["extra__faultkit__alert_urls_secret"].is_sensitive
     assert "host" in pm._field_behaviours_from_metadata["faultkit"]["hidden_fields"]
     assert "airflow_provider.notifications.FaultkitNotifier" in pm.notification
     from airflow_provider.decorators import resumable_task
@@ -370,3 +433,226 @@ def test_sigkilled_dag_test_resumes_in_same_run(airflow_home, faultkit_chaos):
     assert by_epoch == sorted(by_epoch) and by_epoch[0] == 1 and by_epoch[-1] == 2
     pids = {r.result for r in view.units.values()}
     assert len(pids) == 2  # two processes did the work, each unit exactly once
+
+
+# -- the adapter's seams with Airflow ---------------------------------------------------------
+
+PACKAGE = REPO / "airflow_provider"
+MODULES = sorted(
+    ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+    for p in PACKAGE.rglob("*.py")
+)
+
+
+@pytest.mark.parametrize("module", [pytest.param(m, id=m) for m in MODULES])
+def test_import_without_airflow_names_the_extra(module):
+    """Importing any provider module without Airflow raises an ImportError naming the extra."""
+    code = (
+        "import sys; sys.modules['airflow'] = None\n"
+        f"try:\n    import {module}\n"
+        "except ImportError as exc:\n    print(type(exc).__name__, exc)\n"
+        "else:\n    print('imported')\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("ImportError "), r.stdout
+    assert "pip install 'faultkit[airflow]'" in r.stdout
+
+
+def test_provider_imports_only_public_airflow_sdk_names():
+    """RetryPolicy and RetryDecision come from airflow.sdk, never airflow.sdk.definitions."""
+    import ast
+
+    from airflow.sdk import RetryDecision, RetryPolicy
+
+    from airflow_provider.retry import FaultkitRetryPolicy
+    from faultkit import RetryPolicy as FaultkitPolicy
+
+    private = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            private += [
+                f"{path.name}: {n}" for n in names if n.startswith("airflow.sdk.definitions")
+            ]
+    assert private == []
+    policy = FaultkitRetryPolicy(FaultkitPolicy(on=ValueError, attempts=2, wait_initial=0))
+    assert isinstance(policy, RetryPolicy)
+    assert isinstance(policy.evaluate(ValueError("x"), 1, 1), RetryDecision)
+
+
+def test_airflow_builds_hook_under_faultkit_conn_id(airflow_home):
+    """Connection.get_hook() passes the id as faultkit_conn_id; conn_id= works, deprecated."""
+    from airflow.sdk import Connection
+
+    from airflow_provider.hooks import CheckpointHook
+
+    assert CheckpointHook.conn_name_attr == "faultkit_conn_id"
+    hook = Connection(conn_id="faultkit_default", conn_type="faultkit").get_hook()
+    assert isinstance(hook, CheckpointHook)
+    assert hook.faultkit_conn_id == "faultkit_default"
+    assert hook.get_store().url == f"file://{airflow_home.root}/store"
+    assert CheckpointHook("other").faultkit_conn_id == "other"
+    with pytest.warns(DeprecationWarning, match="faultkit_conn_id"):
+        old = CheckpointHook(conn_id="faultkit_default")
+    assert old.faultkit_conn_id == "faultkit_default"
+    assert old.settings().store_url == hook.settings().store_url
+    with pytest.raises(TypeError), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        CheckpointHook("a", conn_id="b")
+
+
+def test_legacy_alert_urls_extra_still_read_with_a_warning(airflow_home, monkeypatch, capsys):
+    """A connection with the old 'alert_urls' key still alerts, and is told to rename it."""
+    from airflow_provider.hooks import CheckpointHook
+
+    url = "json://127.0.0.1:9/legacy"
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_FK_LEGACY",
+        json.dumps(
+            {"conn_type": "faultkit", "extra": {"store_url": "memory://l", "alert_urls": url}}
+        ),
+    )
+    assert CheckpointHook("fk_legacy").alert_urls() == [url]
+    out = capsys.readouterr()
+    assert "rename the key to 'alert_urls_secret'" in out.out + out.err
+
+
+def test_retry_policy_alert_is_keyed_by_the_stage_key(airflow_home):
+    """The retry policy's retry_scheduled alert carries the stage key, as every other alert."""
+    with AlertReceiver() as own:
+        alerter = Alerter([own.url()])
+        policy_events = []
+
+        def forward(event):
+            if event.kind == "retry_scheduled" and "next_attempt" in event.details:
+                policy_events.append(event)
+                alerter.send(event)
+
+        unsubscribe = subscribe(forward)
+        try:
+            dr = airflow_home.dag("fk_unit_flaky").test(
+                run_conf={"fail_at": 1, "error": "ConnectionError"}
+            )
+        finally:
+            unsubscribe()
+        assert dr.state == "success"
+        assert len(policy_events) == 1, policy_events
+        (alert,) = own.wait_for(1, 30)
+    k = stage_key("fk_unit_flaky", dr.run_id, "work", 0)
+    assert alert["title"].rsplit(" - ", 1)[1] == k
+    assert policy_events[0].key == k
+
+
+def test_notifier_renders_its_fields_per_callback():
+    """urls, conn_id and store_url are templates, rendered anew for every callback."""
+    from airflow_provider.notifications import FaultkitNotifier
+
+    n = FaultkitNotifier(
+        ["json://127.0.0.1:9/{{ params.path }}"],
+        conn_id="{{ params.conn }}",
+        store_url="file:///ck/{{ ds_nodash }}",
+        dedupe_window=5,
+    )
+    assert set(n.template_fields) == {"urls", "conn_id", "store_url"}
+    n.render_template_fields({"params": {"path": "a", "conn": "fk_a"}, "ds_nodash": "20240601"})
+    assert (n.urls, n.conn_id, n.store_url) == (
+        ["json://127.0.0.1:9/a"],
+        "fk_a",
+        "file:///ck/20240601",
+    )
+    # The same instance serves the next callback (default_args): it renders from the templates.
+    n.render_template_fields({"params": {"path": "b", "conn": "fk_b"}, "ds_nodash": "20240602"})
+    assert (n.urls, n.conn_id, n.store_url) == (
+        ["json://127.0.0.1:9/b"],
+        "fk_b",
+        "file:///ck/20240602",
+    )
+
+
+def test_templated_notifier_alerts_where_its_templates_say(airflow_home, receiver):
+    """The failure callback posts to the rendered URL and dedupes in the rendered store."""
+    day = dt.datetime(2024, 7, 3, tzinfo=dt.UTC)
+    before = len(receiver.messages())
+    dr = airflow_home.dag("fk_unit_notify").test(
+        logical_date=day,
+        run_after=day,
+        run_conf={"alert_base": receiver.url(path="notify")},
+    )
+    assert dr.state == "failed"
+    alerts = [a for a in receiver.wait_for(before + 1, 30)[before:] if dr.run_id in json.dumps(a)]
+    assert [a["_path"] for a in alerts] == ["/notify/fk_unit_notify"]
+    assert "gave up" in alerts[0]["title"]
+    store_root = Path(os.environ["FK_UNIT_STORE"].removeprefix("file://") + "-notify-20240703")
+    assert store_root.is_dir() and any(store_root.rglob("*"))
+    assert not list(airflow_home.root.glob("*{{*")), "an unrendered template named a store"
+
+
+def _heartbeat_timeout_request(dr, task_id: str):
+    """The callback request the scheduler sends the DAG processor when a try stops heartbeating."""
+    from airflow.api_fastapi.execution_api.datamodels.taskinstance import (
+        DagRun as DRDataModel,
+    )
+    from airflow.api_fastapi.execution_api.datamodels.taskinstance import TIRunContext
+    from airflow.callbacks.callback_requests import TaskCallbackRequest
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.utils.session import create_session
+    from airflow.utils.state import TaskInstanceState
+
+    with create_session() as s:
+        ti = (
+            s.query(TaskInstance)
+            .filter_by(dag_id=dr.dag_id, run_id=dr.run_id, task_id=task_id)
+            .one()
+        )
+        return TaskCallbackRequest(
+            filepath=ti.dag_model.relative_fileloc or "",
+            bundle_name="dags-folder",
+            bundle_version=None,
+            ti=ti,
+            msg="Task Instance did not send heartbeats (test)",
+            task_callback_type=TaskInstanceState.UP_FOR_RETRY,
+            context_from_server=TIRunContext(
+                dag_run=DRDataModel.model_validate(ti.dag_run, from_attributes=True),
+                max_tries=ti.max_tries,
+                variables=[],
+                connections=[],
+                xcom_keys_to_clear=[],
+            ),
+        )
+
+
+def test_dag_processor_callback_reads_the_rendered_store(airflow_home, receiver):
+    """A heartbeat-timeout callback run as the DAG processor runs it reports real progress."""
+    import structlog
+    from airflow.dag_processing.dagbag import BundleDagBag
+    from airflow.dag_processing.processor import _execute_task_callbacks
+
+    day = dt.datetime(2024, 7, 2, tzinfo=dt.UTC)
+    dr = airflow_home.dag("fk_unit_templated").test(logical_date=day, run_after=day)
+    assert dr.state == "success"
+    k = stage_key("fk_unit_templated", dr.run_id, "work", -1)
+    rendered = CheckpointStore(os.environ["FK_UNIT_STORE"] + "-ck-20240702")
+    assert len(rendered.read_view(k).units) == 3  # the try's progress, in the rendered store
+
+    before = len(receiver.messages())
+    dagbag = BundleDagBag(  # as the DAG processor parses a file for its callbacks
+        dag_folder=str(airflow_home.dags / "fk_unit_templated.py"),
+        bundle_path=airflow_home.dags,
+        bundle_name="dags-folder",
+        load_op_links=False,
+    )
+    _execute_task_callbacks(dagbag, _heartbeat_timeout_request(dr, "work"), structlog.get_logger())
+    alerts = [a for a in receiver.wait_for(before + 1, 30)[before:] if dr.run_id in json.dumps(a)]
+    assert len(alerts) == 1, alerts
+    assert "retry scheduled" in alerts[0]["title"]
+    assert "Kept: 3 unit(s) done" in alerts[0]["message"], alerts[0]["message"]
+    assert not list(airflow_home.root.glob("*{{*")), "an unrendered template named a store"

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from airflow.sdk import BaseHook
 
 from faultkit import CheckpointStore, StoreConfigError
 
+from .._provider_info import ALERT_URLS_FIELD
+
 __all__ = ["CheckpointHook", "StoreSettings"]
+
+#: The former name of ALERT_URLS_FIELD, still read; Airflow shows its value in clear.
+_LEGACY_ALERT_URLS_FIELD = "alert_urls"
 
 # Option names whose values are credentials (also matched as substrings, lower-case).
 _SENSITIVE = ("secret", "password", "token", "key", "credential", "session", "sas", "auth")
@@ -32,6 +39,20 @@ def _walk_secrets(value: Any, sensitive: bool = False) -> list[str]:
     if isinstance(value, (list, tuple)):
         return [s for v in value for s in _walk_secrets(v, sensitive)]
     return [value] if sensitive and isinstance(value, str) and value else []
+
+
+def _url_credentials(url: str) -> list[str]:
+    """The URL and its userinfo credential (``user:TOKEN@``, or ``TOKEN@host`` alone)."""
+    out = [url]
+    try:
+        parts = urlsplit(url)
+        if parts.password:
+            out.append(parts.password)
+        elif parts.username and "@" in parts.netloc:
+            out.append(parts.username)  # pagerduty://integrationkey@routingkey and the like
+    except ValueError:
+        pass
+    return out
 
 
 @dataclass(frozen=True)
@@ -60,28 +81,51 @@ class CheckpointHook(BaseHook):
     * login / password: the S3 access key id / secret access key (optional);
     * extra ``storage_options``: more fsspec options, a JSON object (e.g.
       ``{"client_kwargs": {"endpoint_url": "http://minio:9000"}}``);
-    * extra ``alert_urls``: Apprise URLs, a list or one comma-separated string;
+    * extra ``alert_urls_secret``: Apprise URLs, a list or one comma-separated string. The
+      API and UI show it as ``***``. The former name ``alert_urls`` is still read, with a
+      warning: Airflow shows it in clear;
     * extra ``dedupe_window``: seconds (default 600).
 
-    The password, the alert URLs and every credential-like storage option are registered
-    with Airflow's secrets masker as soon as they are read, so they never show in task logs.
+    The password, the alert URLs (and their userinfo tokens) and every credential-like
+    storage option are registered with Airflow's secrets masker as soon as they are read,
+    so they never show in task logs.
 
     Args:
-        conn_id: the connection id (default ``faultkit_default``).
+        faultkit_conn_id: the connection id (default ``faultkit_default``); Airflow passes it
+            by this name (``conn_name_attr``) when it builds the hook from a connection.
+        conn_id: deprecated spelling of ``faultkit_conn_id``, still accepted.
     """
 
-    conn_name_attr = "conn_id"
+    conn_name_attr = "faultkit_conn_id"
     default_conn_name = "faultkit_default"
     conn_type = "faultkit"
     hook_name = "faultkit checkpoint store"
 
-    def __init__(self, conn_id: str = default_conn_name, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        faultkit_conn_id: str | None = None,
+        *,
+        conn_id: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if conn_id is not None:
+            if faultkit_conn_id is not None and faultkit_conn_id != conn_id:
+                raise TypeError(
+                    f"CheckpointHook got faultkit_conn_id={faultkit_conn_id!r} and "
+                    f"conn_id={conn_id!r}; pass only faultkit_conn_id"
+                )
+            warnings.warn(
+                "CheckpointHook(conn_id=...) is deprecated; use faultkit_conn_id=...",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            faultkit_conn_id = conn_id
         super().__init__(**kwargs)
-        self.conn_id = conn_id
+        self.faultkit_conn_id = faultkit_conn_id or self.default_conn_name
         self._settings: StoreSettings | None = None
 
     def __repr__(self) -> str:
-        return f"CheckpointHook(conn_id={self.conn_id!r})"
+        return f"CheckpointHook(faultkit_conn_id={self.faultkit_conn_id!r})"
 
     def settings(self) -> StoreSettings:
         """Parse the connection once (masking its secrets); raises StoreConfigError if unusable."""
@@ -89,12 +133,13 @@ class CheckpointHook(BaseHook):
             return self._settings
         from airflow.sdk.log import mask_secret
 
-        conn = self.get_connection(self.conn_id)
+        cid = self.faultkit_conn_id
+        conn = self.get_connection(cid)
         extra = conn.extra_dejson
         url = _extra(extra, "store_url") or (conn.host if conn.host and "://" in conn.host else "")
         if not url:
             raise StoreConfigError(
-                f"connection {self.conn_id!r} names no store: set its extra 'store_url' (e.g. "
+                f"connection {cid!r} names no store: set its extra 'store_url' (e.g. "
                 '{"store_url": "s3://bucket/checkpoints"}) or pass store_url= to the operator'
             )
         opts = _extra(extra, "storage_options") or {}
@@ -103,11 +148,11 @@ class CheckpointHook(BaseHook):
                 opts = json.loads(opts)
             except ValueError:
                 raise StoreConfigError(
-                    f"connection {self.conn_id!r}: extra 'storage_options' is not a JSON object"
+                    f"connection {cid!r}: extra 'storage_options' is not a JSON object"
                 ) from None
         if not isinstance(opts, dict):
             raise StoreConfigError(
-                f"connection {self.conn_id!r}: extra 'storage_options' must be a JSON object, "
+                f"connection {cid!r}: extra 'storage_options' must be a JSON object, "
                 f"got {type(opts).__name__}"
             )
         opts = dict(opts)
@@ -119,11 +164,25 @@ class CheckpointHook(BaseHook):
                 opts.setdefault("secret", conn.password)
         for secret in _walk_secrets(opts):
             mask_secret(secret)
-        alerts = _extra(extra, "alert_urls") or []
+        alerts = _extra(extra, ALERT_URLS_FIELD)
+        if alerts in (None, "", []):
+            alerts = _extra(extra, _LEGACY_ALERT_URLS_FIELD)
+            if alerts not in (None, "", []):
+                self.log.warning(
+                    "connection %r keeps its alert URLs in extra %r, which Airflow's API and "
+                    "UI show in clear; rename the key to %r (or add %r to [core] "
+                    "sensitive_var_conn_names)",
+                    cid,
+                    _LEGACY_ALERT_URLS_FIELD,
+                    ALERT_URLS_FIELD,
+                    _LEGACY_ALERT_URLS_FIELD,
+                )
+        alerts = alerts or []
         if isinstance(alerts, str):
             alerts = [u.strip() for u in alerts.replace("\n", ",").split(",") if u.strip()]
         for u in alerts:
-            mask_secret(u)
+            for secret in _url_credentials(u):
+                mask_secret(secret)
         window = _extra(extra, "dedupe_window")
         self._settings = StoreSettings(
             store_url=url,

@@ -9,7 +9,7 @@ from airflow.sdk import BaseNotifier
 
 from faultkit import CheckpointStore, Event, key
 
-from .._common import incident_event, log, progress, resolve_store, stage_key, store_config_of
+from .._common import incident_event, log, progress, resolve_store, store_config_of, ti_stage_key
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -47,8 +47,11 @@ class FaultkitNotifier(BaseNotifier):
     and by the next try finding the stage half-done gives one alert; a try that will be
     retried is reported as ``retry_scheduled``, never as a final failure.
 
+    ``urls``, ``conn_id`` and ``store_url`` are templated (rendered with the callback's
+    context, e.g. ``store_url="s3://ck/{{ ds_nodash }}"``).
+
     Args:
-        urls: Apprise URLs. Default: the ``alert_urls`` of connection ``conn_id``.
+        urls: Apprise URLs. Default: the ``alert_urls_secret`` of connection ``conn_id``.
         conn_id: a ``faultkit`` connection giving URLs and the store used for dedupe.
         store_url: the store for dedupe and progress, instead of the connection's; by
             default also the task's own store when the task is resumable.
@@ -56,7 +59,7 @@ class FaultkitNotifier(BaseNotifier):
             else 600).
     """
 
-    template_fields = ()
+    template_fields: Sequence[str] = ("urls", "conn_id", "store_url")
 
     def __init__(
         self,
@@ -71,6 +74,18 @@ class FaultkitNotifier(BaseNotifier):
         self.conn_id = conn_id
         self.store_url = store_url
         self.dedupe_window = dedupe_window
+        self._templates = {name: getattr(self, name) for name in self.template_fields}
+
+    def render_template_fields(self, context: Context, jinja_env: Any = None) -> None:
+        """Render the templated fields from the values given, not from the last rendering.
+
+        ``BaseNotifier`` renders in place, and one notifier serves many callbacks (it sits
+        in ``default_args``; the DAG processor runs several callbacks per parse): without
+        this the first callback's run would fix the URLs and store of all later ones.
+        """
+        for name, value in self._templates.items():
+            setattr(self, name, value)
+        super().render_template_fields(context, jinja_env)
 
     def __repr__(self) -> str:
         n = "conn" if self.urls is None else f"{len(self.urls)} url(s)"
@@ -84,7 +99,7 @@ class FaultkitNotifier(BaseNotifier):
         from ..hooks import CheckpointHook
 
         try:
-            return CheckpointHook(conn_id=self.conn_id).settings()
+            return CheckpointHook(self.conn_id).settings()
         except Exception as exc:
             if self.urls is None:
                 raise
@@ -95,11 +110,13 @@ class FaultkitNotifier(BaseNotifier):
             )
             return None
 
-    def _store(self, settings: Any, task: Any) -> CheckpointStore | None:
+    def _store(self, settings: Any, context: Context, task: Any) -> CheckpointStore | None:
         try:
             if self.store_url:
                 return CheckpointStore(self.store_url)
-            cfg = store_config_of(task) if task is not None else None
+            # The task's own store, its URL rendered: in the DAG processor the task's
+            # template fields are not (see store_config_of).
+            cfg = store_config_of(task, context) if task is not None else None
             if cfg is not None:
                 return resolve_store(*cfg)
             if settings is not None:
@@ -123,7 +140,7 @@ class FaultkitNotifier(BaseNotifier):
             )
             return
         ti = context.get("ti")
-        store = self._store(settings, context.get("task") if ti is not None else None)
+        store = self._store(settings, context, context.get("task") if ti is not None else None)
         window = self.dedupe_window
         if window is None:
             window = settings.dedupe_window if settings is not None else 600.0
@@ -142,7 +159,7 @@ class FaultkitNotifier(BaseNotifier):
             # Reported by the scheduler/DAG processor: the task process ended without a
             # result (SIGKILL, OOM) or its supervisor stopped heartbeating.
             cause = "was lost: its process or worker stopped without reporting a result"
-        k = stage_key(ti.dag_id, ti.run_id, ti.task_id, ti.map_index)
+        k = ti_stage_key(ti)
         return incident_event(
             dag_id=ti.dag_id,
             run_id=ti.run_id,

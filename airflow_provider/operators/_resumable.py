@@ -195,7 +195,7 @@ class ResumablePythonOperator(PythonOperator):
         from ..hooks import CheckpointHook
 
         try:
-            return CheckpointHook(conn_id=self.store_conn_id).alert_urls()
+            return CheckpointHook(self.store_conn_id).alert_urls()
         except Exception:  # the store was opened already; a bad extra must not fail the task
             log.warning("could not read alert_urls of connection %r", self.store_conn_id)
             return []
