@@ -13,6 +13,13 @@ Or cluster-wide: ``dask scheduler --preload dask_plugins.preload --faultkit-stor
 
 from __future__ import annotations
 
+try:
+    import distributed  # noqa: F401
+except ImportError as exc:  # the adapter is optional: say which extra brings Dask
+    raise ImportError(
+        "dask_plugins needs Dask distributed, which is not installed: pip install 'faultkit[dask]'"
+    ) from exc
+
 from ._resumable import Resumable, resumable, stage_key
 from ._scheduler import WorkerLossPlugin
 from ._worker import CheckpointPlugin, register_flush, running_tasks

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import pickle
 import threading
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from distributed.worker import get_worker, thread_state
 
-from faultkit import CheckpointStore, Stage, key
+from faultkit import CheckpointStore, RetryPolicy, Stage, key
 from faultkit._errors import StoreConfigError, UnsafeCheckpointError
 from faultkit._storage import redact_url
 
@@ -77,11 +79,16 @@ class Resumable:
         fn: Callable[..., Any],
         *,
         store: str | CheckpointStore | None = None,
-        retry: Any = None,
+        retry: RetryPolicy | None = None,
         pickle_result: bool = False,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"resumable() needs a function, got {type(fn).__name__}: {fn!r}")
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise TypeError(
+                f"retry= must be a faultkit.RetryPolicy, got {type(retry).__name__}: {retry!r}; "
+                "e.g. retry=RetryPolicy(on=ConnectionError, attempts=3)"
+            )
         if isinstance(store, CheckpointStore):
             self._store: CheckpointStore | None = store
             self.store_url: str | None = store.url
@@ -125,16 +132,20 @@ class Resumable:
         return ("faultkit.resumable", self._token, self.store_url, self.pickle_result)
 
     def dask_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``client.submit``/``map`` or ``dask.annotate`` (``retries``)."""
-        return dict(self.retry.dask()) if self.retry is not None else {}
+        """Keyword arguments for ``client.submit``/``map``: none, as the policy retries here.
+
+        Kept for callers that spread it into ``submit``; Dask's own ``retries`` would retry
+        every exception, outside ``on=`` too, and multiply the policy's attempts.
+        """
+        return {}
 
     def submit(self, client: Any, *args: Any, **kwargs: Any) -> Any:
-        """``client.submit(self, *args, **kwargs)`` with the retry policy's ``retries``."""
-        return client.submit(self, *args, **{**self.dask_options(), **kwargs})
+        """``client.submit(self, *args, **kwargs)``."""
+        return client.submit(self, *args, **kwargs)
 
     def map(self, client: Any, *iterables: Iterable[Any], **kwargs: Any) -> Any:
-        """``client.map(self, *iterables, **kwargs)`` with the retry policy's ``retries``."""
-        return client.map(self, *iterables, **{**self.dask_options(), **kwargs})
+        """``client.map(self, *iterables, **kwargs)``."""
+        return client.map(self, *iterables, **kwargs)
 
     def __repr__(self) -> str:
         where = redact_url(self.store_url) if self.store_url else "the CheckpointPlugin's store"
@@ -142,19 +153,20 @@ class Resumable:
 
     # -- running ----------------------------------------------------------------------
 
-    def _resolve_store(self) -> CheckpointStore:
-        if self._store is not None:
-            return self._store
+    def _resolve_store(self) -> tuple[Any, CheckpointStore]:
+        """The worker running this task (None outside one) and the store to use."""
         try:
             worker = get_worker()
         except ValueError:
             worker = None
+        if self._store is not None:
+            return worker, self._store
         plugin = worker.plugins.get(PLUGIN_NAME) if worker is not None else None
         if plugin is not None and plugin.store is not None:
             if self.store_url is None or self.store_url in (plugin.store_url, plugin.store.url):
-                return plugin.store
+                return worker, plugin.store
         if self.store_url is not None:
-            return _store_for_url(self.store_url)
+            return worker, _store_for_url(self.store_url)
         raise StoreConfigError(
             f"task {self.__name__!r} has no checkpoint store: register "
             "dask_plugins.CheckpointPlugin(url) with the client (or start the scheduler with "
@@ -170,7 +182,37 @@ class Resumable:
                 "set: run it on a distributed Client (client.submit, client.map, "
                 "dask.delayed(...).compute()), not directly or on the local scheduler"
             )
-        store = self._resolve_store()
+        worker, store = self._resolve_store()
+        if self.retry is None:
+            return self._attempt(store, worker, task_key, args, kwargs)
+        # The policy decides (on=, attempts, timeout, waits, events); each new attempt
+        # claims the stage again, so it fences the failed one and resumes its units.
+        t0, attempt, failures = time.monotonic(), 0, collections.Counter[str]()
+        while True:
+            attempt += 1
+            try:
+                return self._attempt(store, worker, task_key, args, kwargs)
+            except Exception as exc:
+                failures[self.retry.failure_class(exc)] += 1
+                wait = self.retry.decide(
+                    exc,
+                    failures=failures,
+                    elapsed=time.monotonic() - t0,
+                    attempt=attempt,
+                    key=stage_key(task_key),
+                )
+                if wait is None:
+                    raise
+            time.sleep(wait)
+
+    def _attempt(
+        self,
+        store: CheckpointStore,
+        worker: Any,
+        task_key: Any,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
         with store.stage(stage_key(task_key)) as stage:
             if stage.resumed:
                 found, value = self._recorded(stage)
@@ -181,7 +223,7 @@ class Resumable:
                         task_key,
                     )
                     return value
-            _enter_task(task_key)
+            _enter_task(task_key, id(worker) if worker is not None else None)
             try:
                 out = self.fn(*args, stage=stage, **kwargs)
             finally:
@@ -240,7 +282,7 @@ def resumable(
     fn: Callable[..., Any],
     *,
     store: str | CheckpointStore | None = None,
-    retry: Any = None,
+    retry: RetryPolicy | None = None,
     pickle_result: bool = False,
 ) -> Resumable:
     """Wrap ``fn`` so that, run as a Dask task, it resumes after its worker is lost.
@@ -250,7 +292,17 @@ def resumable(
     worker dies the scheduler reruns the task elsewhere; the rerun claims the stage (fencing
     the lost attempt) and skips the units already done. A task that had finished before its
     worker died (its result lost with the worker's memory) returns its recorded result without
-    running ``fn`` again. Works with ``client.map``, ``dask.delayed`` and annotations.
+    running ``fn`` again. Works with ``client.submit``, ``client.map``, ``dask.delayed`` and
+    annotations.
+
+    With ``retry=policy`` the task retries itself, on the worker, however it was submitted:
+    an exception that ``policy`` retries (``on=``) starts a new attempt after the policy's
+    wait, up to its ``attempts`` and ``timeout``, and the new attempt claims the stage again
+    and resumes its committed units; any other exception fails the task at once, and when
+    the attempts run out the last exception is raised unwrapped. The waits hold the worker
+    thread. Do not add Dask's ``retries=`` as well (it retries every exception and multiplies
+    the attempts); a lost worker is not an exception here: Dask reruns the task
+    (``distributed.scheduler.allowed-failures``) and it resumes from its stage.
 
     Args:
         fn: the task; it takes ``stage=`` as a keyword argument.
@@ -258,8 +310,7 @@ def resumable(
             worker's :class:`~dask_plugins.CheckpointPlugin`. A ``CheckpointStore`` travels
             as its URL; its credentials are not pickled (the plugin's store is used when the
             URLs match).
-        retry: a :class:`faultkit.RetryPolicy`; ``policy.dask()`` gives Dask's ``retries``
-            (:meth:`Resumable.submit`, :meth:`Resumable.map`, :meth:`Resumable.dask_options`).
+        retry: a :class:`faultkit.RetryPolicy` the task retries itself by (see above).
         pickle_result: record results that JSON cannot hold with pickle (loading runs code
             from the store, so only for trusted stores).
 

@@ -57,8 +57,11 @@ class WorkerLossPlugin(SchedulerPlugin):
     worker that shut itself down with no task running) are counted, not alerted.
 
     Events are emitted in the scheduler process (``faultkit.events.subscribe``) and counted
-    by ``faultkit.metrics`` (served on the scheduler's ``/metrics``). Alerts are sent from a
-    background thread, never from the scheduler's event loop.
+    by ``faultkit.metrics`` (served on the scheduler's ``/metrics``). The scheduler's event
+    loop never waits on the store or a channel: the hooks only read the scheduler's state and
+    queue a report; one background thread opens the store and the channels, reads the lost
+    tasks' progress and sends the alerts. A store that cannot be opened costs the progress
+    and the cross-process dedupe, not the alert.
 
     Args:
         alerts: Apprise URLs of the channels to alert.
@@ -96,7 +99,8 @@ class WorkerLossPlugin(SchedulerPlugin):
         self._closing: set[str] = set()
         self._queue: queue.Queue[Any] = queue.Queue()
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
+        self._thread_lock = threading.Lock()  # held for Thread.start only, never for I/O
+        self._opened = False  # store and channels: touched by the sender thread only
         self._alerter: Alerter | None = None
         self._store: CheckpointStore | None = None
         self._stopped = False
@@ -120,10 +124,18 @@ class WorkerLossPlugin(SchedulerPlugin):
     # -- scheduler hooks ---------------------------------------------------------------
 
     async def start(self, scheduler: Any) -> None:
-        """Remember the scheduler, open the alert channels and enable the metrics."""
+        """Remember the scheduler, enable the metrics and start the sender thread.
+
+        The store and the channels are opened by that thread, so a store that hangs (an NFS
+        mount, an S3 endpoint) never holds up the scheduler.
+        """
         try:
             self.scheduler = scheduler
-            self._open()
+            self._counts["starts"] += 1
+            from faultkit import metrics
+
+            metrics.enable()
+            self._sender()
         except Exception:
             log.exception("faultkit WorkerLossPlugin could not start; alerts are disabled")
 
@@ -134,7 +146,7 @@ class WorkerLossPlugin(SchedulerPlugin):
     async def close(self) -> None:
         """Send what is queued (bounded), then stop the sender thread."""
         self._stopped = True
-        await asyncio.to_thread(self.flush, 10.0)
+        await self.wait_sent(10.0)
         self._queue.put(None)
 
     @_guarded
@@ -195,36 +207,54 @@ class WorkerLossPlugin(SchedulerPlugin):
         self._submit(info)
 
     def _submit(self, info: dict[str, Any]) -> None:
-        with self._lock:
+        self._sender()
+        self._queue.put(info)
+
+    def _sender(self) -> None:
+        """Start the sender thread once (cheap; safe from the event loop)."""
+        if self._thread is not None:
+            return
+        with self._thread_lock:
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._run, name="faultkit-worker-loss", daemon=True
                 )
                 self._thread.start()
-        self._queue.put(info)
 
     def _open(self) -> None:
-        with self._lock:
-            if self.store_url is not None and self._store is None:
+        """Open the store and the channels (in the sender thread: both may block)."""
+        if self._opened:
+            return
+        self._opened = True
+        if self.store_url is not None:
+            try:
                 self._store = CheckpointStore(self.store_url, **self.storage_options)
-            if self.alerts and self._alerter is None:
-                self._alerter = Alerter(
-                    self.alerts,
-                    store=self._store,
-                    dedupe_window=self.dedupe_window,
-                    kinds=("worker_lost", "gave_up"),
+            except Exception as exc:
+                log.warning(
+                    "faultkit WorkerLossPlugin cannot open its store %s (%s: %s); alerts go "
+                    "out without progress, deduplicated in this process only",
+                    redact_url(self.store_url),
+                    type(exc).__name__,
+                    exc,
                 )
-        from faultkit import metrics
-
-        metrics.enable()
+        if self.alerts:
+            self._alerter = Alerter(
+                self.alerts,
+                store=self._store,
+                dedupe_window=self.dedupe_window,
+                kinds=("worker_lost", "gave_up"),
+            )
 
     def _run(self) -> None:
+        try:
+            self._open()
+        except Exception:
+            log.exception("faultkit WorkerLossPlugin could not open its alert channels")
         while True:
             info = self._queue.get()
             try:
                 if info is None:
                     return
-                self._open()
                 for event in self._events(info):
                     self._deliver(event)
             except Exception:
@@ -233,13 +263,28 @@ class WorkerLossPlugin(SchedulerPlugin):
                 self._queue.task_done()
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until every queued report was sent; True if it finished within ``timeout``."""
+        """Wait until every queued report was sent; True if it finished within ``timeout``.
+
+        This blocks: on the scheduler's event loop use :meth:`wait_sent` instead.
+        """
         deadline = time.monotonic() + timeout
         while self._queue.unfinished_tasks:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.02)
         return True
+
+    async def wait_sent(self, timeout: float = 10.0) -> bool:
+        """:meth:`flush` without blocking the event loop.
+
+        Example, from a client::
+
+            async def sent(dask_scheduler):
+                return await dask_scheduler.plugins["faultkit-worker-loss"].wait_sent(30)
+
+            client.run_on_scheduler(sent)
+        """
+        return await asyncio.to_thread(self.flush, timeout)
 
     def _progress(self, key: Any, now: float) -> dict[str, Any] | None:
         if self._store is None:

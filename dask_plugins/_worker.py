@@ -1,7 +1,19 @@
-"""CheckpointPlugin: the checkpoint store on every worker, and an emergency flush on SIGTERM."""
+"""CheckpointPlugin: the checkpoint store on every worker, and an emergency flush on SIGTERM.
+
+A worker stops in one of two ways, and both flush:
+
+1. SIGTERM reaches the worker process itself (``dask worker --no-nanny``, or a signal to the
+   whole process group): the handler installed by :meth:`CheckpointPlugin.setup` flushes,
+   then hands the signal on.
+2. SIGTERM reaches the Nanny (plain ``dask worker``, Kubernetes, Helm): the Nanny asks its
+   worker process to close through a queue, never with a signal, and kills it 0.8 x its
+   close timeout later (8 s for ``dask worker``). ``Worker.close`` removes the plugins
+   before it stops the task threads, so :meth:`CheckpointPlugin.teardown` flushes there.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -10,6 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from distributed.core import Status
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from faultkit import CheckpointStore
@@ -21,14 +34,19 @@ log = logging.getLogger("faultkit.dask")
 
 PLUGIN_NAME = "faultkit-checkpoint"
 
-# Tasks of this process that run inside a resumable wrapper: thread id -> [task key, callbacks].
+# Tasks of this process that run inside a resumable wrapper:
+# thread id -> [task key, flush callbacks, id() of the Worker running it].
 _running: dict[int, list[Any]] = {}
 _running_lock = threading.Lock()
 
+# Worker states in which a plugin's teardown means the worker is going away (not an
+# unregister_worker_plugin on a running worker).
+_STOPPING = (Status.closing, Status.closing_gracefully, Status.closed)
 
-def _enter_task(task_key: Any) -> None:
+
+def _enter_task(task_key: Any, worker: int | None = None) -> None:
     with _running_lock:
-        _running[threading.get_ident()] = [task_key, []]
+        _running[threading.get_ident()] = [task_key, [], worker]
 
 
 def _exit_task() -> None:
@@ -48,7 +66,10 @@ def register_flush(callback: Callable[[], object]) -> Callable[[], None]:
     Call it from inside a :func:`~dask_plugins.resumable` task, e.g. with a function that
     saves a snapshot of the task's progress. The callback runs in another thread than the
     task, so it must be safe to call at any point of the task (save the last consistent state,
-    not the one being built). Callbacks are dropped when the task ends.
+    not the one being built). It runs at most once, also when the worker is stopped by its
+    Nanny (``dask worker`` on SIGTERM, ``client.restart()``, ``retire_workers``, cluster
+    shutdown); keep it short: the Nanny kills the worker 8 s after a SIGTERM. Callbacks are
+    dropped when the task ends.
 
     Returns:
         A function that unregisters the callback.
@@ -107,10 +128,19 @@ class _SigtermFlusher:
                 signal.signal(signal.SIGTERM, self.previous)
             self.installed = False
 
-    def flush(self) -> int:
-        """Run every registered callback (each in its own thread), bounded by the timeout."""
+    def flush(self, worker: int | None = None) -> int:
+        """Run the registered callbacks (each once, in its own thread), bounded by the timeout.
+
+        Args:
+            worker: ``id()`` of the Worker whose tasks to flush (several may share a
+                process); default: every task of the process.
+        """
         with _running_lock:
-            work = [(entry[0], cb) for entry in _running.values() for cb in entry[1]]
+            work = []
+            for entry in _running.values():
+                if worker is None or entry[2] in (None, worker):
+                    work.extend((entry[0], cb) for cb in entry[1])
+                    entry[1] = []  # once: a flush on SIGTERM is not repeated on close
         if not work:
             return 0
         done = []
@@ -158,11 +188,14 @@ class CheckpointPlugin(WorkerPlugin):
     it to every current and future worker. :func:`~dask_plugins.resumable` tasks without an
     explicit store use this one. On SIGTERM (node drain, preemption) the worker first calls
     the flush callbacks of its running resumable tasks (:func:`~dask_plugins.register_flush`),
-    then shuts down as it would have.
+    then shuts down as it would have. Under a Nanny (plain ``dask worker``) the signal goes
+    to the Nanny, which closes its worker: the flush then runs when the worker closes, and
+    so also on ``client.restart()``, ``retire_workers`` and cluster shutdown.
 
     Args:
         store_url: ``file:///path``, ``s3://bucket/prefix`` or ``memory://name`` (per process).
-        flush_timeout: seconds the SIGTERM flush may take in all.
+        flush_timeout: seconds the flush may take in all. Under a Nanny the worker process is
+            killed 8 s after SIGTERM reaches ``dask worker``, whatever this says.
         **storage_options: passed to fsspec (credentials, endpoint). They travel to the
             workers pickled, like any plugin; prefer credentials from the workers' environment.
     """
@@ -185,12 +218,28 @@ class CheckpointPlugin(WorkerPlugin):
         state["store"] = None  # a store is opened where the plugin runs, never pickled
         return state
 
-    def setup(self, worker: Any) -> None:
-        """Open the store on ``worker`` and install the SIGTERM flush."""
-        self.store = CheckpointStore(self.store_url, **self.storage_options)
+    async def setup(self, worker: Any) -> None:
+        """Open the store on ``worker`` (off its event loop) and install the SIGTERM flush."""
+        self.store = await asyncio.to_thread(
+            CheckpointStore, self.store_url, **self.storage_options
+        )
         _flusher.install(self.flush_timeout)
         log.info("worker %s: checkpoint store %s", worker.address, self.store)
 
-    def teardown(self, worker: Any) -> None:
-        """Remove the SIGTERM flush."""
-        _flusher.uninstall()
+    async def teardown(self, worker: Any) -> None:
+        """Flush the running tasks if ``worker`` is closing, then remove the SIGTERM flush.
+
+        Under a Nanny this is where SIGTERM's flush happens: the Nanny closes its worker
+        (``Worker.close``), which tears the plugins down while the task threads still run.
+        """
+        try:
+            if worker.status in _STOPPING:
+                n = await asyncio.to_thread(_flusher.flush, id(worker))
+                if n:
+                    log.warning(
+                        "worker %s closing: flushed an emergency checkpoint for %d task(s)",
+                        worker.name,
+                        n,
+                    )
+        finally:
+            _flusher.uninstall()

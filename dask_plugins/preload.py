@@ -21,6 +21,7 @@ this adds :class:`~dask_plugins.WorkerLossPlugin` and registers
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -41,21 +42,32 @@ async def install(
     *,
     dedupe_window: float = 600.0,
 ) -> None:
-    """Add faultkit's plugins to a running scheduler (or worker)."""
+    """Add faultkit's plugins to a scheduler (or worker), from a preload or once it runs.
+
+    A preload runs before the scheduler starts its plugins, so the plugin is only added
+    there (``Scheduler.start`` starts it, once); on a running scheduler it is started here.
+    The plugins check their URLs in a thread: a store may block, the event loop must not.
+    """
     from distributed import Scheduler, Worker
+    from distributed.core import Status
     from distributed.protocol.pickle import dumps
 
     if isinstance(server, Scheduler):
-        plugin = WorkerLossPlugin(list(alerts), store, dedupe_window=dedupe_window)
-        server.add_plugin(plugin, idempotent=True)
-        await server.plugins[plugin.name].start(server)
+        plugin = await asyncio.to_thread(
+            WorkerLossPlugin, list(alerts), store, dedupe_window=dedupe_window
+        )
+        if plugin.name not in server.plugins:
+            server.add_plugin(plugin, idempotent=True)
+            if server.status == Status.running:
+                await plugin.start(server)
         if store:
-            wp = CheckpointPlugin(store)
+            wp = await asyncio.to_thread(CheckpointPlugin, store)
             await server.register_worker_plugin(None, dumps(wp), name=wp.name, idempotent=True)
         log.info("faultkit: scheduler plugins installed (%r, store %s)", plugin, store and wp)
     elif isinstance(server, Worker):
         if store:
-            await server.plugin_add(CheckpointPlugin(store), name=CheckpointPlugin.name)
+            wp = await asyncio.to_thread(CheckpointPlugin, store)
+            await server.plugin_add(wp, name=wp.name)
     else:
         raise TypeError(
             f"dask_plugins.preload runs on a Dask scheduler or worker, not {type(server).__name__}"

@@ -7,6 +7,8 @@ import os
 import pickle
 import random
 import signal
+import subprocess
+import sys
 import time
 from types import SimpleNamespace
 
@@ -32,10 +34,12 @@ def _alerts(receiver: AlertReceiver, kind: str) -> list[dict]:
     return [m for m in receiver.messages() if str(m.get("title", "")).startswith(title)]
 
 
+async def _alerts_sent(dask_scheduler) -> bool:
+    return await dask_scheduler.plugins[WorkerLossPlugin.name].wait_sent(30.0)
+
+
 def _flush_alerts(client: Client) -> None:
-    assert client.run_on_scheduler(
-        lambda dask_scheduler: dask_scheduler.plugins[WorkerLossPlugin.name].flush(30.0)
-    )
+    assert client.run_on_scheduler(_alerts_sent)
 
 
 def _report(client: Client) -> dict:
@@ -329,10 +333,10 @@ def test_map_delayed_and_retry_policy(ready):
     """resumable works with client.map, dask.delayed + annotate, and RetryPolicy's retries."""
     env = ready
     rf = resumable(_flaky, retry=RetryPolicy(on=ConnectionError, attempts=2, wait_initial=0))
-    assert rf.dask_options() == {"retries": 1}
+    assert rf.dask_options() == {}  # the wrapper retries itself; Dask's retries would add up
     futs = rf.map(env.client, [1, 2, 3], tag="map")
     assert env.client.gather(futs) == [[10, 11, 2], [20, 21, 2], [30, 31, 2]]
-    with dask.annotate(**rf.dask_options()):
+    with dask.annotate(priority=1):
         d = dask.delayed(rf)(4, "delayed")
     assert env.client.compute(d).result(timeout=60) == [40, 41, 2]
     # Without retries the same code error fails the task; the committed unit stays.
@@ -341,6 +345,57 @@ def test_map_delayed_and_retry_policy(ready):
         bare.result(timeout=60)
     view = env.store.read_view(stage_key("flaky-bare"))
     assert [r.unit for r in view.units.values()] == [0]
+
+
+def _fails_first(path: str, fails: int, exc_type: str, x: int, *, stage) -> dict:
+    _append(path, f"epoch {stage.epoch}")
+    if _lines(path) <= fails:
+        raise {"ConnectionError": ConnectionError, "ValueError": ValueError}[exc_type](path)
+    return {"x": x, "epoch": stage.epoch}
+
+
+def test_client_map_retries_by_the_policy(ready):
+    """client.map(resumable(fn, retry=policy)) retries what the policy names, and only that."""
+    env = ready
+    c = env.client
+    policy = RetryPolicy(on=ConnectionError, attempts=3, wait_initial=0.05, wait_jitter=0)
+    fn = resumable(_fails_first, retry=policy)
+    paths = [str(env.dir / f"calls-{x}") for x in range(3)]
+    futs = c.map(
+        fn,
+        paths,
+        [2] * 3,
+        ["ConnectionError"] * 3,
+        range(3),
+        key=[f"retry-ok-{x}" for x in range(3)],
+    )
+    assert c.gather(futs) == [{"x": x, "epoch": 3} for x in range(3)]
+    for path in paths:  # two ConnectionErrors, then success; each attempt claimed anew
+        with open(path) as f:
+            assert f.read().splitlines() == ["epoch 1", "epoch 2", "epoch 3"]
+
+    # Out of attempts: the last ConnectionError reaches the client, unwrapped.
+    spent = str(env.dir / "calls-spent")
+    [fut] = c.map(fn, [spent], [5], ["ConnectionError"], [0], key=["retry-spent"])
+    with pytest.raises(ConnectionError):
+        fut.result(timeout=60)
+    assert _lines(spent) == 3
+
+    # An exception outside on= fails at once.
+    other = str(env.dir / "calls-other")
+    [fut] = c.map(fn, [other], [2], ["ValueError"], [0], key=["retry-not-on"])
+    with pytest.raises(ValueError):
+        fut.result(timeout=60)
+    assert _lines(other) == 1
+
+
+def test_missing_distributed_names_the_extra():
+    """Importing dask_plugins without distributed says which extra to pip install."""
+    code = "import sys; sys.modules['distributed'] = None; import dask_plugins"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "ImportError" in r.stderr
+    assert "pip install 'faultkit[dask]'" in r.stderr, r.stderr[-2000:]
 
 
 def test_keys_are_stable_across_sessions(ready):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import dask
 import pytest
 from distributed import Client, LocalCluster
 
-from dask_plugins import CheckpointPlugin, WorkerLossPlugin, resumable, stage_key
+from dask_plugins import CheckpointPlugin, WorkerLossPlugin, register_flush, resumable, stage_key
 from faultkit import CheckpointStore
 from faultkit.demo._dask import kill_worker_running
 from faultkit.testing import free_port, wait_until
@@ -27,6 +28,53 @@ def _steps(n: int, *, stage) -> dict:
         time.sleep(0.1)
         stage.done(u)
     return {"epoch": stage.epoch}
+
+
+def _append(path: str, line: str) -> None:
+    with open(path, "a") as f:
+        f.write(line + "\n")
+
+
+def _lines(path: str) -> list[str]:
+    try:
+        with open(path) as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def _flush_then_block(marker: str, *, stage) -> dict:
+    """First attempt: register an emergency checkpoint, then block; a rerun reports it."""
+    snap = stage.latest()
+    if snap is not None:
+        return {"resumed_from": json.loads(snap.data), "epoch": stage.epoch}
+    state = {"step": 0}
+
+    def flush() -> None:
+        stage.save(json.dumps(state).encode(), step=state["step"], meta={"sigterm": 1})
+        _append(marker, f"flushed {state['step']}")
+
+    register_flush(flush)
+    for i in range(1, 6):
+        state["step"] = i
+    _append(marker, "running")
+    time.sleep(600)  # only the worker's end stops this attempt
+    return {}
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie nobody reaps counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _report(client: Client) -> dict:
+    return client.run_on_scheduler(
+        lambda dask_scheduler: dask_scheduler.plugins[WorkerLossPlugin.name].report()
+    )
 
 
 def _start(args: list[str], log) -> subprocess.Popen:
@@ -50,6 +98,20 @@ def _stop(procs: list[subprocess.Popen]) -> None:
         p.wait(timeout=30)
 
 
+def _scheduler_args(port: int, *extra: str) -> list[str]:
+    return [
+        "scheduler",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-dashboard",
+        "--preload",
+        "dask_plugins.preload",
+        *extra,
+    ]
+
+
 def test_preloaded_scheduler_alerts_on_killed_worker(tmp_path, alert_receiver):
     """A preloaded scheduler gives workers the store and alerts once per killed worker."""
     port = free_port()
@@ -58,20 +120,9 @@ def test_preloaded_scheduler_alerts_on_killed_worker(tmp_path, alert_receiver):
     log = open(tmp_path / "cluster.log", "wb")
     procs = [
         _start(
-            [
-                "scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--no-dashboard",
-                "--preload",
-                "dask_plugins.preload",
-                "--faultkit-store",
-                url,
-                "--faultkit-alert",
-                alert_receiver.url(),
-            ],
+            _scheduler_args(
+                port, "--faultkit-store", url, "--faultkit-alert", alert_receiver.url()
+            ),
             log,
         )
     ]
@@ -86,6 +137,8 @@ def test_preloaded_scheduler_alerts_on_killed_worker(tmp_path, alert_receiver):
                 ).count(WorkerLossPlugin.name)
                 == 1
             )
+            # The preload adds the plugin and Scheduler.start starts it: once.
+            assert _report(client)["counts"]["starts"] == 1
             fut = client.submit(resumable(_steps), 40, key="preloaded")  # the plugin's store
             store = CheckpointStore(url)
             wait_until(
@@ -103,10 +156,9 @@ def test_preloaded_scheduler_alerts_on_killed_worker(tmp_path, alert_receiver):
             victim = sorted(client.scheduler_info()["workers"])[0]
             client.retire_workers([victim])
             wait_until(lambda: victim not in client.scheduler_info()["workers"], 60, "retired")
-            report = client.run_on_scheduler(
-                lambda dask_scheduler: dask_scheduler.plugins[WorkerLossPlugin.name].report()
-            )
+            report = _report(client)
             assert report["counts"].get("workers_retired", 0) >= 1
+            assert report["counts"]["starts"] == 1
             assert len(alert_receiver.messages()) == 1
     finally:
         _stop(procs)
@@ -129,5 +181,49 @@ def test_preload_from_dask_config(tmp_path):
     ):
         assert WorkerLossPlugin.name in cluster.scheduler.plugins
         assert CheckpointPlugin.name in cluster.scheduler.worker_plugins
+        assert _report(client)["counts"]["starts"] == 1, "the plugin was started twice"
         assert client.submit(resumable(_steps), 3, key="configured").result(60) == {"epoch": 1}
     assert CheckpointStore(url).keys() == [stage_key("configured")]
+
+
+def test_sigterm_to_dask_worker_cli_flushes_under_the_nanny(tmp_path):
+    """`kill -TERM` of a plain `dask worker` (a Nanny) saves the emergency checkpoint first."""
+    port = free_port()
+    url = f"file://{tmp_path}/store"
+    addr = f"tcp://127.0.0.1:{port}"
+    marker = str(tmp_path / "marker")
+    log = open(tmp_path / "cluster.log", "wb")
+    procs = [_start(_scheduler_args(port, "--faultkit-store", url), log)]
+    try:
+        nanny = _start(["worker", addr, "--nthreads", "1", "--no-dashboard"], log)
+        procs.append(nanny)
+        with Client(addr, timeout=60) as client:
+            client.wait_for_workers(1, timeout=120)
+            fut = client.submit(resumable(_flush_then_block), marker, key="nanny-sigterm")
+            wait_until(lambda: "running" in _lines(marker), 60, "the task to run")
+            [worker_pid] = client.run(os.getpid).values()
+            assert worker_pid != nanny.pid  # the task runs in the Nanny's child process
+
+            t0 = time.monotonic()
+            os.kill(nanny.pid, signal.SIGTERM)
+            store = CheckpointStore(url)
+            wait_until(
+                lambda: any(
+                    s.meta.get("sigterm")
+                    for s in store.read_view(stage_key("nanny-sigterm")).live_snaps()
+                ),
+                30,
+                "the emergency checkpoint",
+            )
+            assert _lines(marker) == ["running", "flushed 5"]
+            nanny.wait(timeout=30)
+            wait_until(lambda: not _alive(worker_pid), 30, "the worker process to exit")
+            stopped = time.monotonic() - t0
+            assert stopped < 30, f"the worker took {stopped:.1f} s to stop"
+
+            # The rerun, on a fresh worker, starts from the emergency checkpoint.
+            procs.append(_start(["worker", addr, "--nthreads", "1", "--no-dashboard"], log))
+            assert fut.result(timeout=120) == {"resumed_from": {"step": 5}, "epoch": 2}
+    finally:
+        _stop(procs)
+        log.close()
