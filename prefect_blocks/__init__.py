@@ -27,6 +27,7 @@ from __future__ import annotations
 from ._blocks import AlertBlock, CheckpointStoreBlock, RetryPolicyBlock
 from ._crash import RETRY_AUTOMATION, ZOMBIE_AUTOMATION, setup_crash_retry
 from ._hooks import alert_hooks, crash_budget
+from ._retry_task import ResumableTask
 from ._task import resumable_task, stage_key
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "ZOMBIE_AUTOMATION",
     "AlertBlock",
     "CheckpointStoreBlock",
+    "ResumableTask",
     "RetryPolicyBlock",
     "alert_hooks",
     "crash_budget",

@@ -11,8 +11,15 @@ import builtins
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from prefect.blocks.core import Block
-from pydantic import Field, SecretStr
+try:
+    from prefect.blocks.core import Block
+    from pydantic import Field, SecretStr
+except ImportError as exc:  # the first module prefect_blocks imports: say what to install
+    raise ImportError(
+        f"prefect_blocks needs Prefect 3.7 or later ({exc}); install it with: "
+        "pip install 'faultkit[prefect]'",
+        name=exc.name,
+    ) from exc
 
 if TYPE_CHECKING:
     from faultkit import Alerter, CheckpointStore, RetryPolicy
@@ -20,6 +27,10 @@ if TYPE_CHECKING:
 __all__ = ["AlertBlock", "CheckpointStoreBlock", "RetryPolicyBlock"]
 
 _DOCS = "https://github.com/faultkit/faultkit#prefect"
+# The logo ships in this package (prefect_blocks/logo.png, 128x128 PNG). Prefect's client
+# accepts only an http(s) URL for a block type's logo, so this names the same file in the
+# source repository rather than the installed copy.
+_LOGO = "https://raw.githubusercontent.com/faultkit/faultkit/main/prefect_blocks/logo.png"
 
 
 class CheckpointStoreBlock(Block):
@@ -31,7 +42,7 @@ class CheckpointStoreBlock(Block):
 
     _block_type_name = "Faultkit Checkpoint Store"
     _block_type_slug = "faultkit-checkpoint-store"
-    _logo_url = "https://raw.githubusercontent.com/faultkit/faultkit/main/docs/logo.png"
+    _logo_url = _LOGO
     _documentation_url = _DOCS
     _description = "A fenced, checksummed checkpoint store (file://, memory:// or s3://)."
     _code_example = """
@@ -86,7 +97,7 @@ class AlertBlock(Block):
 
     _block_type_name = "Faultkit Alerts"
     _block_type_slug = "faultkit-alerts"
-    _logo_url = "https://raw.githubusercontent.com/faultkit/faultkit/main/docs/logo.png"
+    _logo_url = _LOGO
     _documentation_url = _DOCS
     _description = "Deduplicated alerts (worker lost, gave up, ...) sent to Apprise URLs."
     _code_example = """
@@ -156,7 +167,7 @@ class RetryPolicyBlock(Block):
 
     _block_type_name = "Faultkit Retry Policy"
     _block_type_slug = "faultkit-retry-policy"
-    _logo_url = "https://raw.githubusercontent.com/faultkit/faultkit/main/docs/logo.png"
+    _logo_url = _LOGO
     _documentation_url = _DOCS
     _description = "Bounded retries (attempts, backoff, which errors) and a crash-retry budget."
     _code_example = """

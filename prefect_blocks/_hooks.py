@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._ephemeral import guard as _guard_server
-from ._refs import AlertRef, StoreRef, policy_of
+from ._refs import AlertRef, PolicyRef, StoreRef
 
 __all__ = ["alert_hooks", "crash_budget", "task_failure_hook"]
 
@@ -23,9 +23,20 @@ _SETTLED = frozenset({"COMPLETED", "FAILED", "CANCELLED", "CRASHED"})
 
 
 def crash_budget(policy: Any) -> int:
-    """Total runs of a crashed flow run, the first included: ``infra_attempts`` or ``attempts``."""
-    n = getattr(policy, "infra_attempts", None) or getattr(policy, "attempts", 1)
-    return max(1, int(n))
+    """Total runs of a crashed flow run, the first included.
+
+    The policy's own ``budget("infrastructure")`` (``infra_attempts``, else ``attempts``,
+    capped inside :func:`faultkit.retry_test_mode`), so the budget is the same everywhere.
+
+    Args:
+        policy: a ``faultkit.RetryPolicy``, a ``RetryPolicyBlock`` or its name (loaded now).
+    """
+    from faultkit._classify import INFRASTRUCTURE
+
+    ref = PolicyRef.of(policy)
+    if ref is None:
+        raise TypeError("crash_budget needs a RetryPolicy, a RetryPolicyBlock or its name")
+    return ref.get().budget(INFRASTRUCTURE)
 
 
 def _flow_run_key(flow_run: Any) -> str:
@@ -70,12 +81,16 @@ def alert_hooks(
         retry: the ``RetryPolicy`` (or ``RetryPolicyBlock``/name) given to
             :func:`setup_crash_retry`, so the alerts can say whether a re-run follows.
 
+    Nothing is loaded here: block names are loaded each time a hook fires, so importing the
+    flow's module needs no Prefect API.
+
     Returns:
         ``{"on_crashed": [...], "on_running": [...], "on_failure": [...]}``.
     """
     ref = AlertRef(alerts, StoreRef.of(store) if store is not None else None)
+    policy = PolicyRef.of(retry)
     budget_of: Callable[[], int | None] = (
-        (lambda: crash_budget(policy_of(retry))) if retry is not None else (lambda: None)
+        (lambda: crash_budget(policy)) if policy is not None else (lambda: None)
     )
 
     def on_crashed(flow: Any, flow_run: Any, state: Any) -> None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from faultkit import Alerter, CheckpointStore, RetryPolicy
 
-__all__ = ["AlertRef", "StoreRef", "policy_of"]
+__all__ = ["AlertRef", "PolicyRef", "StoreRef", "policy_of"]
 
 _lock = threading.Lock()
 _stores: dict[str, CheckpointStore] = {}
@@ -26,7 +26,12 @@ def _is_url(value: str) -> bool:
 
 
 def _load_block(cls: Any, name: str) -> Any:
-    """Load a block by ``name`` or ``type-slug/name``."""
+    """Load a block by ``name`` or ``type-slug/name``.
+
+    Always the synchronous load: ``Block.load`` returns a coroutine when called from an async
+    task or flow, and the callers here (an async task's wrapper, Prefect reading a task's
+    retry options) need the block itself.
+    """
     slug = cls.get_block_type_slug()
     if "/" in name:
         given, _, name = name.partition("/")
@@ -34,7 +39,7 @@ def _load_block(cls: Any, name: str) -> Any:
             raise ValueError(
                 f"{name!r} names a {given!r} block; a {cls.__name__} ({slug!r}) was expected"
             )
-    return cls.load(name)
+    return cls.load(name, _sync=True)
 
 
 class StoreRef:
@@ -168,19 +173,51 @@ class AlertRef:
         return "AlertRef(<redacted>)"
 
 
+class PolicyRef:
+    """What ``retry=`` was given: a ``RetryPolicy``, a ``RetryPolicyBlock`` or its name.
+
+    The type is checked at once; a block name is loaded only by :meth:`get`, so decorating a
+    task or a flow needs no Prefect API.
+    """
+
+    def __init__(self, value: Any) -> None:
+        from ._blocks import RetryPolicyBlock
+
+        if not (
+            (isinstance(value, str) and value)
+            or isinstance(value, RetryPolicyBlock)
+            or hasattr(value, "prefect")
+        ):
+            raise TypeError(
+                "retry= takes a faultkit.RetryPolicy, a RetryPolicyBlock or its name; "
+                f"got {type(value).__name__}"
+            )
+        self.value = value
+
+    @classmethod
+    def of(cls, value: Any) -> PolicyRef | None:
+        """Wrap ``value`` (None passes)."""
+        if value is None or isinstance(value, PolicyRef):
+            return value
+        return cls(value)
+
+    def get(self) -> RetryPolicy:
+        """The policy; a block name is loaded from the Prefect API on every call."""
+        from ._blocks import RetryPolicyBlock
+
+        value = self.value
+        if isinstance(value, str):
+            value = _load_block(RetryPolicyBlock, value)
+        if isinstance(value, RetryPolicyBlock):
+            return value.get_policy()
+        return value
+
+    def __repr__(self) -> str:
+        what = self.value if isinstance(self.value, str) else type(self.value).__name__
+        return f"PolicyRef({what!r})"
+
+
 def policy_of(value: Any) -> RetryPolicy | None:
     """A ``RetryPolicy`` from a policy, a ``RetryPolicyBlock`` or its name (None passes)."""
-    if value is None:
-        return None
-    from ._blocks import RetryPolicyBlock
-
-    if isinstance(value, str):
-        value = _load_block(RetryPolicyBlock, value)
-    if isinstance(value, RetryPolicyBlock):
-        return value.get_policy()
-    if hasattr(value, "prefect"):
-        return value
-    raise TypeError(
-        "retry= takes a faultkit.RetryPolicy, a RetryPolicyBlock or its name; "
-        f"got {type(value).__name__}"
-    )
+    ref = PolicyRef.of(value)
+    return ref.get() if ref is not None else None

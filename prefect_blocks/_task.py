@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ._ephemeral import guard as _guard_server
-from ._refs import AlertRef, StoreRef, policy_of
+from ._refs import AlertRef, PolicyRef, StoreRef
 
 __all__ = ["resumable_task", "stage_key"]
 
@@ -134,7 +134,9 @@ def resumable_task(
             runs) or a ``faultkit.CheckpointStore``. For Dask or process task runners pass a
             URL or a block: a ``CheckpointStore`` object is rebuilt there from its URL alone.
         retry: a ``faultkit.RetryPolicy``, ``RetryPolicyBlock`` or its name; mapped to task
-            options with ``policy.prefect()`` (explicit ``task_kwargs`` win).
+            options with ``policy.prefect()`` (explicit ``task_kwargs`` win). Nothing is
+            loaded here: a block name is loaded when Prefect first reads the task's retry
+            options, as the task run is created (see :class:`ResumableTask`).
         key: a fixed key, a template formatted with the task's inputs and the flow's
             parameters (``"etl/{partition}"``), or a function of the task's inputs returning one.
         alerts: Apprise URLs, an ``AlertBlock`` or its name: a ``gave_up`` alert is sent when
@@ -142,7 +144,11 @@ def resumable_task(
         **task_kwargs: passed to ``prefect.task`` (``name``, ``tags``, ``timeout_seconds``...).
 
     Returns:
-        A ``prefect.Task`` (usable with ``.submit()`` and ``.map()``), or a decorator.
+        A :class:`ResumableTask` (a ``prefect.Task``: ``.submit()``, ``.map()``,
+        ``.with_options()``), or a decorator.
+
+    Decorating resolves nothing: ``store=``, ``retry=`` and ``alerts=`` given as block names
+    are loaded when the task runs, so importing a flow module needs no Prefect API.
 
     A return value that is not JSON-serialisable is returned but not recorded (a warning
     says so): a later run then calls the function again, which skips the units already done.
@@ -151,7 +157,7 @@ def resumable_task(
         return functools.partial(
             resumable_task, store=store, retry=retry, key=key, alerts=alerts, **task_kwargs
         )
-    from prefect import task
+    from ._retry_task import ResumableTask
 
     sig = inspect.signature(fn)
     if "stage" not in sig.parameters and not any(
@@ -163,7 +169,7 @@ def resumable_task(
     public_sig = sig.replace(parameters=[p for n, p in sig.parameters.items() if n != "stage"])
     store_ref = StoreRef.of(store)
     alert_ref = AlertRef(alerts, store_ref) if alerts is not None else None
-    policy = policy_of(retry)
+    policy = PolicyRef.of(retry)
 
     def _key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
         bound = public_sig.bind(*args, **kwargs)
@@ -229,12 +235,11 @@ def resumable_task(
             return value
 
     wrapper.__signature__ = public_sig  # type: ignore[attr-defined]
-    options: dict[str, Any] = dict(policy.prefect()) if policy is not None else {}
-    options.update(task_kwargs)
+    options: dict[str, Any] = dict(task_kwargs)
     if alert_ref is not None:
         from ._hooks import task_failure_hook
 
         hooks = list(options.get("on_failure") or [])
         hooks.append(task_failure_hook(alert_ref))
         options["on_failure"] = hooks
-    return task(wrapper, **options)
+    return ResumableTask(wrapper, policy=policy, **options)

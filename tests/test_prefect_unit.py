@@ -2,33 +2,46 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import shutil
+import socket
+import struct
 import subprocess
 import sys
+import zipfile
+from importlib.resources import files
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("prefect")
 
-from prefect import flow
+from prefect import flow, get_client
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.testing.standard_test_suites import BlockStandardTestSuite
+from prefect.testing.standard_test_suites import blocks as standard_blocks
 from prefect.testing.utilities import prefect_test_harness
 
-from faultkit import CheckpointStore, RetryPolicy
+from faultkit import CheckpointStore, RetryPolicy, retry_test_mode
 from prefect_blocks import (
     AlertBlock,
     CheckpointStoreBlock,
+    ResumableTask,
     RetryPolicyBlock,
+    crash_budget,
     resumable_task,
+    setup_crash_retry,
     stage_key,
 )
 
 pytestmark = pytest.mark.timeout(300)
 
 FAST = RetryPolicy(on=ConnectionError, attempts=3, wait_initial=0.0, wait_jitter=0.0)
+ROOT = Path(__file__).resolve().parent.parent
+# Where the blocks' logo URL points: prefect_blocks/logo.png in the source repository.
+REPO_RAW = "https://raw.githubusercontent.com/faultkit/faultkit/main/"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -50,15 +63,68 @@ def harness():
     ],
 )
 class TestBlockStandards(BlockStandardTestSuite):
-    """Prefect's own block checks: description, docs URL, field descriptions, code example."""
+    """Prefect's own block checks: description, docs URL, field descriptions, code example, logo.
+
+    Every check runs. Only ``test_has_a_valid_image`` is wrapped (see its docstring): Prefect's
+    check fetches the logo URL, and the test network is loopback-only.
+    """
 
     @pytest.fixture
     def block(self, block_cls):
         return block_cls
 
-    def test_has_a_valid_image(self, block) -> None:
-        """The logo is an https URL (fetching it would leave the loopback-only test network)."""
-        assert str(block._logo_url).startswith("https://")
+    def test_has_a_valid_image(self, block, monkeypatch) -> None:
+        """Prefect's logo check, offline: the URL names the PNG this package ships, which is read.
+
+        Prefect's client accepts only an http(s) logo URL, so ``_logo_url`` names
+        ``prefect_blocks/logo.png`` in the source repository. Prefect's own check (square,
+        46-999 px, readable by Pillow) runs unchanged with ``urlopen`` answering that one URL
+        from the installed package instead of the internet; without Pillow (Prefect's check
+        would skip) the PNG header is checked here instead, so the test never skips.
+        """
+        url = str(block._logo_url)
+        assert url.startswith(REPO_RAW + "prefect_blocks/"), url
+        shipped = files("prefect_blocks").joinpath(url.removeprefix(REPO_RAW + "prefect_blocks/"))
+        assert shipped.is_file(), f"{url} names no file shipped in prefect_blocks"
+        data = shipped.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+        width, height = struct.unpack(">II", data[16:24])
+        assert width == height and 45 < width < 1000, (width, height)
+
+        def urlopen(requested: str):
+            assert requested == url
+            return shipped.open("rb")
+
+        if standard_blocks.HAS_PIL:
+            monkeypatch.setattr(standard_blocks, "urlopen", urlopen)
+            super().test_has_a_valid_image(block)
+
+
+def test_logo_is_in_the_built_wheel(tmp_path):
+    """A wheel built from the project holds prefect_blocks/logo.png (declared package data)."""
+    pytest.importorskip("setuptools", reason="building the wheel offline needs setuptools")
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        if (ROOT / name).exists():
+            shutil.copy(ROOT / name, src / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    for pkg in ("faultkit", "airflow_provider", "prefect_blocks", "dask_plugins"):
+        shutil.copytree(ROOT / pkg, src / pkg, ignore=ignore)
+    pip_wheel = ["pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q"]
+    out = subprocess.run(
+        [sys.executable, "-m", *pip_wheel, "-w", str(tmp_path / "dist"), str(src)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    (wheel,) = (tmp_path / "dist").glob("faultkit-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        assert (
+            z.read("prefect_blocks/logo.png")
+            == files("prefect_blocks").joinpath("logo.png").read_bytes()
+        )
 
 
 def test_blocks_are_registered_by_the_cli(harness):
@@ -302,3 +368,133 @@ def test_killed_flow_process_resumes_with_the_chaos_fixture(harness, tmp_path, f
     assert Path(out).read_text().split() == ["0", "1", "2"]
     assert _chaos_flow(store_url, out) == {"epoch": 2}
     assert Path(out).read_text().split() == ["0", "1", "2", "3", "4", "5"]
+
+
+# -- retry policies given by block name: loaded at run time ------------------------------
+
+TRIES: list[str] = []
+
+
+def _unreachable_api() -> str:
+    """An API URL on a loopback port nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/api"
+
+
+def _save_blocks(tmp_path: Path, name: str, **retry: object) -> None:
+    policy = RetryPolicyBlock(
+        retry_on=["ConnectionError"], wait_initial=0.0, wait_jitter=0.0, **retry
+    )
+    policy.save(name, overwrite=True)
+    CheckpointStoreBlock(url=f"file://{tmp_path / 'store'}").save(name, overwrite=True)
+
+
+def _flaky(mode: str, stage) -> int:
+    """Fails with ConnectionError on the first two tries ("twice"), always, or a ValueError."""
+    TRIES.append(mode)
+    if mode == "value":
+        raise ValueError("a bug, not retried by the block's policy")
+    if mode == "always" or TRIES.count(mode) <= 2:
+        raise ConnectionError("network blip")
+    return stage.epoch
+
+
+def _task_run(state):
+    with get_client(sync_client=True) as client:
+        return client.read_task_run(state.state_details.task_run_id)
+
+
+def test_retry_block_name_is_loaded_when_the_task_runs(tmp_path):
+    """``retry=`` a block name: decorating needs no API; the task retries as the block says."""
+    _save_blocks(tmp_path, "lazy-sync", attempts=3)
+    TRIES.clear()
+    with temporary_settings(updates={PREFECT_API_URL: _unreachable_api()}):
+        flaky = resumable_task(store="lazy-sync", retry="lazy-sync", name="flaky")(_flaky)
+        once = flaky.with_options(name="once", retries=0)
+        renamed = flaky.with_options(name="renamed")  # still takes its retries from the block
+
+    @flow
+    def pipeline(mode: str, which: str = "flaky"):
+        task = {"flaky": flaky, "once": once, "renamed": renamed}[which]
+        return task(mode, return_state=True)
+
+    state = pipeline("twice")
+    assert state.result() == 3  # the third attempt succeeded
+    assert TRIES == ["twice"] * 3
+    run = _task_run(state)
+    assert (run.run_count, run.empirical_policy.retries) == (3, 2)
+    assert (flaky.retries, flaky.retry_delay_seconds) == (2, [0.0, 0.0])
+
+    TRIES.clear()
+    assert pipeline("always", return_state=True).is_failed()
+    assert TRIES == ["always"] * 3  # the block's 3 attempts, not Prefect's default of 1
+
+    TRIES.clear()
+    assert pipeline("value", return_state=True).is_failed()
+    assert TRIES == ["value"]  # not in the block's retry_on: not retried
+
+    TRIES.clear()
+    assert pipeline("always", "once", return_state=True).is_failed()
+    assert TRIES == ["always"]  # an explicit retries=0 wins over the block
+    assert isinstance(once, ResumableTask) and once.retries == 0
+
+    TRIES.clear()
+    assert pipeline("always", "renamed", return_state=True).is_failed()
+    assert TRIES == ["always"] * 3
+
+
+def test_async_task_loads_its_blocks_by_name(tmp_path):
+    """An async resumable task with store and retry block names loads both and retries."""
+    _save_blocks(tmp_path, "lazy-async", attempts=4)
+    TRIES.clear()
+
+    with temporary_settings(updates={PREFECT_API_URL: _unreachable_api()}):
+
+        @resumable_task(store="lazy-async", retry="lazy-async")
+        async def flaky(mode: str, stage) -> int:
+            await asyncio.sleep(0)
+            return _flaky(mode, stage)
+
+    @flow
+    async def pipeline(mode: str):
+        return await flaky(mode, return_state=True)
+
+    state = asyncio.run(pipeline("twice"))
+    assert state.result() == 3
+    assert TRIES == ["twice"] * 3
+    assert _task_run(state).empirical_policy.retries == 3
+    assert CheckpointStore(f"file://{tmp_path / 'store'}").keys("prefect")
+
+
+# -- crash budget --------------------------------------------------------------------------
+
+
+def test_crash_budget_is_the_policys_infrastructure_budget():
+    """``crash_budget`` is ``RetryPolicy.budget("infrastructure")``, test-mode cap included."""
+    both = RetryPolicy(on=ConnectionError, attempts=5, infra_attempts=4)
+    code_only = RetryPolicy(on=ConnectionError, attempts=3)
+    block = RetryPolicyBlock(attempts=3, infra_attempts=6)
+    assert crash_budget(both) == both.budget("infrastructure") == 4
+    assert crash_budget(code_only) == code_only.budget("infrastructure") == 3
+    assert crash_budget(block) == 6
+    with retry_test_mode(attempts=2):
+        assert crash_budget(both) == both.budget("infrastructure") == 2
+        assert crash_budget(code_only) == 2
+        assert crash_budget(block) == 2
+    with pytest.raises(TypeError, match="retry= takes"):
+        crash_budget(3)
+
+
+def test_crash_retry_automation_uses_the_test_mode_budget():
+    """Inside ``retry_test_mode(attempts=2)`` the crash-retry automation re-runs at most once."""
+    policy = RetryPolicy(on=ConnectionError, attempts=5, infra_attempts=4)
+    with retry_test_mode(attempts=2):
+        ids = setup_crash_retry(policy, zombies=False, suffix=" (budget test)")
+    try:
+        with get_client(sync_client=True) as client:
+            automation = client.read_automation(ids["retry"])
+        assert automation.trigger.match.root["prefect.run-count"] == ["0", "1"]
+    finally:
+        with get_client(sync_client=True) as client:
+            client.delete_automation(ids["retry"])
