@@ -31,7 +31,7 @@ from . import _metrics
 from ._errors import AlertConfigError
 from ._events import KINDS, Event, subscribe
 
-__all__ = ["DEFAULT_KINDS", "Alerter", "format_alert"]
+__all__ = ["DEFAULT_KINDS", "Alerter", "alert_urls", "format_alert"]
 
 log = logging.getLogger("faultkit.alerts")
 
@@ -298,6 +298,30 @@ def _unwrap_url(url: Any) -> str:
     return value
 
 
+def alert_urls(value: Any) -> list[str]:
+    """The one syntax for a list of alert channels, used everywhere (the Airflow connection,
+    ``FAULTKIT_ALERT``, Prefect blocks, ``alerts=`` arguments).
+
+    ``value`` is ``None`` (no channel), a list or tuple of URLs, or one string holding one
+    or more Apprise URLs separated by whitespace, newlines or commas. As in Apprise, a comma
+    inside a URL's query (``mailto://...?to=a@x.org,b@x.org``) belongs to that URL. Items may
+    be ``SecretStr``-like (``get_secret_value()``) and may themselves hold several URLs.
+    """
+    if value is None:
+        return []
+    items = [value] if isinstance(value, str) or hasattr(value, "get_secret_value") else value
+    if not isinstance(items, (list, tuple)):
+        raise AlertConfigError(
+            f"alert URLs must be a string or a list of strings, got {type(value).__name__}"
+        )
+    from apprise.utils.parse import parse_urls
+
+    out: list[str] = []
+    for item in items:
+        out.extend(u for u in parse_urls(_unwrap_url(item)) if u)
+    return out
+
+
 class Alerter:
     """Sends events to people on Apprise URLs (Slack, e-mail, PagerDuty, Teams, webhooks, ...).
 
@@ -327,9 +351,7 @@ class Alerter:
         delivery_attempts: int = 3,
         delivery_wait: float = 0.5,
     ) -> None:
-        if isinstance(urls, str) or hasattr(urls, "get_secret_value"):
-            urls = [urls]
-        raw = [_unwrap_url(u) for u in urls]
+        raw = alert_urls(urls)
         if not raw:
             raise AlertConfigError("an Alerter needs at least one channel URL")
         self._channels = [_Channel(u) for u in raw]
@@ -354,6 +376,7 @@ class Alerter:
         self._wait = max(0.0, float(delivery_wait))
         self._lock = threading.Lock()
         self._recent: dict[str, float] = {}
+        self._outbox: _Outbox | None = None
 
     def __repr__(self) -> str:
         store = f", store={self._store!r}" if self._store is not None else ""
@@ -598,20 +621,37 @@ class Alerter:
 
     # -- subscription ----------------------------------------------------------------
 
+    def post(self, event: Event) -> None:
+        """Send ``event`` from a background thread and return at once: a slow or unreachable
+        channel never delays the caller (the task). What is queued is sent before the
+        process exits (bounded by :meth:`flush`'s wait)."""
+        if not isinstance(event, Event):
+            raise TypeError(f"post() takes a faultkit Event, got {type(event).__name__}")
+        with self._lock:
+            if self._outbox is None:
+                self._outbox = _Outbox(self)
+            outbox = self._outbox
+        outbox.put(event)
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every posted event was sent; True if done within ``timeout`` s."""
+        outbox = self._outbox
+        return True if outbox is None else outbox.flush(timeout)
+
     def _on_event(self, event: Event) -> None:
         if event.kind in self.kinds:
-            self.send(event)
+            self.post(event)
 
     def attach(self, *, group_window: float = 0.0) -> Callable[[], None]:
         """Send every emitted event of :attr:`kinds` from now on; returns an unsubscribe.
 
+        Delivery always happens in a background thread, so an event emitted by a task (a
+        resume, a fenced zombie) never waits for a channel.
+
         Args:
-            group_window: 0 sends each event as it is emitted, in the emitting thread
-                (so a slow channel delays that thread by at most the bounded delivery
-                retries). Above 0, delivery moves to a background thread, and events of
-                one kind that share a dedupe key (or key) and arrive within this many
-                seconds are sent as one alert; unsubscribing (or exiting) flushes what is
-                pending.
+            group_window: above 0, events of one kind that share a dedupe key (or key) and
+                arrive within this many seconds are sent as one alert; unsubscribing (or
+                exiting) flushes what is pending.
         """
         if group_window <= 0:
             return subscribe(self._on_event)
@@ -623,6 +663,59 @@ class Alerter:
             batcher.close()
 
         return unsubscribe
+
+
+class _Outbox:
+    """A queue of events an Alerter sends from one daemon thread, drained at exit."""
+
+    LIMIT = 1000  # queued events at most; beyond, new ones are dropped (and logged)
+
+    def __init__(self, alerter: Alerter) -> None:
+        self.alerter = alerter
+        self.cond = threading.Condition()
+        self.items: list[Event] = []
+        self.busy = 0
+        self.thread = threading.Thread(target=self._run, name="faultkit-alerts", daemon=True)
+        self.thread.start()
+        ref = weakref.ref(self)
+        atexit.register(lambda: (o := ref()) is not None and o.flush(10.0))
+
+    def put(self, event: Event) -> None:
+        with self.cond:
+            if len(self.items) >= self.LIMIT:
+                log.warning(
+                    "alert %s for %s dropped: %d alerts queued",
+                    event.kind,
+                    event.key,
+                    len(self.items),
+                )
+                return
+            self.items.append(event)
+            self.cond.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self.cond:
+                while not self.items:
+                    self.cond.wait()
+                event = self.items.pop(0)
+                self.busy += 1
+            try:
+                self.alerter.send(event)
+            finally:
+                with self.cond:
+                    self.busy -= 1
+                    self.cond.notify_all()
+
+    def flush(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self.items or self.busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.cond.wait(left)
+        return True
 
 
 class _Batcher:

@@ -98,6 +98,20 @@ class _BudgetStop(stop_base):
 _BUDGET_STOP = _BudgetStop()
 
 
+def _host_factory(host: str) -> Any:
+    """The retry-policy class an installed adapter registers for ``host`` (entry point group
+    ``faultkit.retry_policies``), so the core never imports an adapter or an orchestrator."""
+    from importlib.metadata import entry_points
+
+    found = list(entry_points(group="faultkit.retry_policies", name=host))
+    if not found:
+        raise ImportError(
+            f"RetryPolicy.{host}() needs faultkit's {host} adapter: pip install "
+            f"'faultkit[{host}]' (no 'faultkit.retry_policies' entry point named {host!r})"
+        )
+    return found[0].load()
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class RetryPolicy:
     """Retry a call on the exceptions you name, with bounded exponential backoff.
@@ -368,13 +382,12 @@ class RetryPolicy:
         """Keyword arguments for an Airflow 3.3 ``BaseOperator`` (or ``@task``).
 
         ``retries``, ``retry_delay``, ``retry_exponential_backoff`` (the multiplier),
-        ``max_retry_delay`` and ``retry_policy``: a
-        :class:`airflow_provider.retry.FaultkitRetryPolicy` that fails at once on exceptions
-        outside ``on`` and waits exactly as this policy does. Airflow's own delay settings
-        apply where the policy is not consulted (a worker lost without a Python exception).
+        ``max_retry_delay`` and ``retry_policy``: an Airflow ``RetryPolicy`` that fails at
+        once on exceptions outside ``on`` and waits exactly as this policy does. Airflow's own
+        delay settings apply where the policy is not consulted (a worker lost without a
+        Python exception). The ``retry_policy`` class comes from the Airflow adapter, found
+        through the ``faultkit.retry_policies`` entry point (the core imports no adapter).
         """
-        from airflow_provider.retry import FaultkitRetryPolicy
-
         return {
             "retries": self._total_retries(),
             "retry_delay": timedelta(seconds=self.wait_initial),
@@ -382,7 +395,7 @@ class RetryPolicy:
             if self.wait_initial > 0 and self.wait_exp_base != 1
             else 0.0,
             "max_retry_delay": timedelta(seconds=self.wait_max),
-            "retry_policy": FaultkitRetryPolicy(self),
+            "retry_policy": _host_factory("airflow")(self),
         }
 
     def prefect(self) -> dict[str, Any]:

@@ -96,6 +96,7 @@ class Stage:
         self._dir = f"{self.key}/@log"
         self._view = View()
         self._read = False  # has the log been read at all (claim reads it first if not)
+        self._listed = False  # has a full read (listing the log) been done on this object
         self._epoch = 0
         self._lock = threading.RLock()
         self._claimed_at = 0.0
@@ -158,6 +159,7 @@ class Stage:
         self._read = True
         v = self._view
         if full:
+            self._listed = True
             names = self._storage.list(self._dir)
             seqs = sorted(int(n) for n in names if n.isdigit() and int(n) > v.cursor)
             if seqs:
@@ -314,7 +316,9 @@ class Stage:
         with self._lock:
             if self._epoch:
                 return self
-            self._catch_up(full=True)
+            # One listing per attempt finds gaps; after it (refresh() then claim()), reading
+            # on from the cursor finds what was added since.
+            self._catch_up(full=not self._listed)
             while True:
                 if self._seal_gaps():
                     continue

@@ -219,6 +219,19 @@ class CheckpointStore:
             for k in [k for k in self._verified if k[0] == key]:
                 del self._verified[k]
 
+    def expire(self, older_than: float, prefix: str = "") -> list[str]:
+        """Delete every *finished* stage (under ``prefix``) whose result is older than
+        ``older_than`` seconds; returns their keys. Unfinished stages are kept: their
+        progress is what a retry resumes from. (``faultkit gc --older-than 7d``.)"""
+        now = time.time()
+        gone = []
+        for k in self.keys(prefix):
+            fin = self.read_view(k).finished
+            if fin is not None and now - fin.ts > older_than:
+                self.delete(k)
+                gone.append(k)
+        return gone
+
     def gc(self, key: str, keep: int = 3, grace: float = 600.0) -> dict[str, Any]:
         """Remove old snapshots of ``key`` and files left by killed writers.
 

@@ -223,8 +223,30 @@ def cmd_verify(store: CheckpointStore, a: argparse.Namespace, out: Console) -> i
     return 1 if bad else 0
 
 
+def _duration(text: str) -> float:
+    """Seconds in ``7d``, ``12h``, ``30m``, ``45s`` or a plain number of seconds."""
+    units = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+    try:
+        if text and text[-1] in units:
+            return float(text[:-1]) * units[text[-1]]
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration; write e.g. 7d, 12h, 30m or 45s"
+        ) from None
+
+
 def cmd_gc(store: CheckpointStore, a: argparse.Namespace, out: Console) -> int:
     k = _key_arg(a.key)
+    if a.older_than is not None:
+        gone = store.expire(a.older_than, prefix=k or "")
+        if a.json:
+            print(json.dumps({"deleted": gone}, indent=2))
+        else:
+            out.print(f"deleted {len(gone)} finished stage(s) older than {a.older_than:g} s")
+            for g in gone:
+                out.print(f"  {_readable(g)}")
+        return 0
     keys = [k] if k else store.keys()
     report = {k: store.gc(k, keep=a.keep, grace=a.grace) for k in keys}
     if a.json:
@@ -278,6 +300,12 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=600.0,
         help="seconds before unreferenced/temp files count as abandoned",
+    )
+    gc.add_argument(
+        "--older-than",
+        type=_duration,
+        metavar="AGE",
+        help="instead: delete finished stages whose result is older than AGE (7d, 12h, 30m)",
     )
     demo = sub.add_parser("demo", help="run the bundled pipeline with real worker kills")
     from .demo._cli import add_arguments

@@ -338,7 +338,38 @@ def test_alert_failure_never_changes_the_task_outcome(alert_receiver):
     finally:
         unsubscribe()
     assert info.value is err and len(calls) == 2
+    assert alerter.flush(30)
     assert alert_receiver.failed == 1  # the gave_up alert was attempted
+
+
+def test_unreachable_channel_never_delays_the_task(tmp_path):
+    """An attached alerter whose channel hangs (a server that accepts and never answers)
+    does not slow entering a stage: the resumed alert is sent from a background thread."""
+    import socket
+    import time
+
+    from faultkit import CheckpointStore
+
+    hang = socket.socket()
+    hang.bind(("127.0.0.1", 0))
+    hang.listen(8)
+    port = hang.getsockname()[1]
+    try:
+        store = CheckpointStore(f"file://{tmp_path}/store")
+        with store.stage("slow/a") as st:
+            st.done(0)
+        alerter = Alerter(f"json://127.0.0.1:{port}/hook", delivery_attempts=3)
+        unsubscribe = alerter.attach()
+        try:
+            t0 = time.monotonic()
+            with store.stage("slow/a") as again:
+                assert again.resumed  # a resumed event was emitted
+            assert time.monotonic() - t0 < 1.0
+        finally:
+            unsubscribe()
+        assert not alerter.flush(0.2)  # still trying in the background
+    finally:
+        hang.close()
 
 
 def test_metrics_follow_events_saves_and_alerts(alert_receiver, store):

@@ -82,3 +82,21 @@ def test_bad_url_is_a_clear_error():
     """An unsupported store URL exits 2 with a message saying what works."""
     r = _cli("ls", "gs://nope")
     assert r.returncode == 2 and "file://" in r.stderr
+
+
+def test_gc_older_than_deletes_old_finished_stages_only(tmp_path):
+    """gc --older-than removes finished stages past the age and keeps unfinished ones and
+    recent results; a bad duration is a usage error."""
+    url = f"file://{tmp_path}/store"
+    store = CheckpointStore(url)
+    for k in ("old/done", "new/done", "old/running"):
+        with store.stage(k) as st:
+            st.done(0)
+            if k.endswith("done"):
+                st.finish("ok")
+    r = _cli("gc", url, "--older-than", "1h", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout) == {"deleted": []}
+    r = _cli("gc", url, "old", "--older-than", "0s", "--json")
+    assert json.loads(r.stdout) == {"deleted": ["old/done"]}
+    assert store.keys() == ["new/done", "old/running"]
+    assert _cli("gc", url, "--older-than", "soon").returncode == 2

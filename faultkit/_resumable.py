@@ -1,0 +1,183 @@
+"""The resumable call every adapter makes, once: find the stage, replay a finished result,
+else claim, run the body with ``stage=``, record the result.
+
+An adapter maps its host's context onto :func:`call` — which store, which key (built from
+the orchestrator's run: the Airflow DAG run, the Prefect flow run, the Dask scheduler, or a
+scope the user named), whether to expire or ignore an earlier result, a logger — and adds
+nothing else. The sequence:
+
+1. read the stage's log (no claim): a finished stage whose recorded result is still valid
+   returns it without running anything;
+2. an expired result (older than ``expire``) or ``refresh=True`` deletes the stage first, so
+   the body runs afresh above every old epoch;
+3. claim the stage (fencing every older attempt), check again (another attempt may have
+   finished meanwhile), run ``fn(*args, stage=stage, **kwargs)``;
+4. record what it returned with the one codec (``faultkit._codec``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import timedelta
+from typing import Any
+
+from . import _codec
+from ._store import CheckpointStore, Stage
+
+__all__ = ["accepts_stage", "call", "call_async", "store_for"]
+
+log = logging.getLogger("faultkit.resumable")
+
+_stores: dict[str, CheckpointStore] = {}
+_stores_lock = threading.Lock()
+_warned: set[str] = set()
+
+
+def store_for(url: str, options: Mapping[str, Any] | None = None) -> CheckpointStore:
+    """The store for ``url`` and ``options``, built once per process (stores cache folder
+    descriptors and connections; a task per second must not rebuild them)."""
+    ident = hashlib.sha256(
+        json.dumps([url, dict(options or {})], sort_keys=True, default=str).encode()
+    ).hexdigest()
+    with _stores_lock:
+        store = _stores.get(ident)
+        if store is None:
+            store = _stores[ident] = CheckpointStore(url, **dict(options or {}))
+        return store
+
+
+def accepts_stage(fn: Callable[..., Any]) -> bool:
+    """True if ``fn`` takes a ``stage`` keyword argument (or ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True  # a builtin or C callable: let the call decide
+    return any(p.name == "stage" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _expired(stage: Stage, expire: timedelta | None) -> bool:
+    fin = stage._view.finished
+    return bool(expire is not None and fin and time.time() - fin.ts > expire.total_seconds())
+
+
+def _prepare(
+    store: CheckpointStore,
+    key: str,
+    expire: timedelta | None,
+    refresh: bool,
+    pickle_ok: bool,
+    logger: logging.Logger,
+) -> tuple[Stage, bool, Any]:
+    """Steps 1-3 up to the claim: ``(stage, True, result)`` when a recorded result stands,
+    else ``(claimed stage, False, None)``."""
+    stage = store.stage(key)
+    stage.refresh()
+    if refresh or _expired(stage, expire):
+        if stage.finished:
+            why = "refresh asked" if refresh else f"its result is older than {expire}"
+            logger.info("stage %s runs afresh (%s)", key, why)
+            store.delete(key)
+            stage = store.stage(key)
+    else:
+        found, value = _codec.replay(stage, pickle_ok=pickle_ok)
+        if found:
+            logger.info("stage %s finished earlier; returning its recorded result", key)
+            return stage, True, value
+    stage.claim()
+    if not refresh and not _expired(stage, expire):
+        found, value = _codec.replay(stage, pickle_ok=pickle_ok)
+        if found:  # another attempt finished between our read and our claim
+            return stage, True, value
+    return stage, False, None
+
+
+def _record(stage: Stage, value: Any, pickle_ok: bool, name: str, logger: logging.Logger) -> None:
+    if _codec.record(stage, value, pickle_ok=pickle_ok):
+        return
+    if name not in _warned:
+        _warned.add(name)
+        logger.warning(
+            "%s returned a %s, which faultkit cannot record exactly: a re-run calls it again "
+            "(its finished units are still skipped). Return plain data (numbers, strings, "
+            "lists, tuples, dicts, bytes, datetimes), or pass pickle_result=True if you trust "
+            "the store",
+            name,
+            type(value).__name__,
+        )
+
+
+def call(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    store: CheckpointStore,
+    key: str,
+    expire: timedelta | None = None,
+    refresh: bool = False,
+    pickle_ok: bool = False,
+    on_stage: Callable[[Stage], object] | None = None,
+    logger: logging.Logger | None = None,
+) -> Any:
+    """Run ``fn(*args, stage=stage, **kwargs)`` as a resumable call of stage ``key``.
+
+    Args:
+        fn: the body; it takes ``stage=``.
+        store: where the stage lives (see :func:`store_for`).
+        key: the stage key; it decides what is reused: the host's run, or a scope the user
+            named.
+        expire: a recorded result older than this is not reused (the stage runs afresh).
+        refresh: never reuse a recorded result (the stage runs afresh).
+        pickle_ok: record results the codec does not accept with pickle (trusted stores).
+        on_stage: called with the claimed stage before the body runs (host bookkeeping).
+        logger: the host's logger (default ``faultkit.resumable``).
+
+    Returns:
+        What ``fn`` returned, or the recorded result of an earlier attempt that finished.
+    """
+    logger = logger or log
+    stage, done, value = _prepare(store, key, expire, refresh, pickle_ok, logger)
+    if done:
+        return value
+    if on_stage is not None:
+        on_stage(stage)
+    value = fn(*args, stage=stage, **dict(kwargs or {}))
+    _record(stage, value, pickle_ok, getattr(fn, "__qualname__", repr(fn)), logger)
+    return value
+
+
+async def call_async(
+    fn: Callable[..., Awaitable[Any]],
+    args: tuple[Any, ...] = (),
+    kwargs: Mapping[str, Any] | None = None,
+    *,
+    store: CheckpointStore,
+    key: str,
+    expire: timedelta | None = None,
+    refresh: bool = False,
+    pickle_ok: bool = False,
+    on_stage: Callable[[Stage], object] | None = None,
+    logger: logging.Logger | None = None,
+) -> Any:
+    """:func:`call` for a coroutine function (the store's I/O runs in a worker thread)."""
+    import asyncio
+
+    logger = logger or log
+    stage, done, value = await asyncio.to_thread(
+        _prepare, store, key, expire, refresh, pickle_ok, logger
+    )
+    if done:
+        return value
+    if on_stage is not None:
+        on_stage(stage)
+    value = await fn(*args, stage=stage, **dict(kwargs or {}))
+    await asyncio.to_thread(
+        _record, stage, value, pickle_ok, getattr(fn, "__qualname__", repr(fn)), logger
+    )
+    return value

@@ -1,0 +1,147 @@
+"""The one resumable call every adapter makes (faultkit._resumable), on a real store."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import threading
+
+import pytest
+
+from faultkit import CheckpointStore, StaleAttemptError, UnsafeCheckpointError
+from faultkit._codec import INLINE_LIMIT
+from faultkit._resumable import call, call_async, store_for
+
+
+class Body:
+    """A task body that marks units done and counts its runs."""
+
+    def __init__(self, result, units=3, fail_at=None):
+        self.result, self.units, self.fail_at, self.runs = result, units, fail_at, 0
+
+    def __call__(self, *, stage):
+        self.runs += 1
+        for u in stage.pending(range(self.units)):
+            if u == self.fail_at:
+                self.fail_at = None
+                raise ConnectionError("lost mid-way")
+            stage.done(u)
+        return self.result
+
+
+@pytest.fixture
+def fstore(tmp_path):
+    return CheckpointStore(f"file://{tmp_path}/store")
+
+
+@pytest.mark.parametrize(
+    "result",
+    [
+        pytest.param(("a", 1, (2.5, None)), id="tuple"),
+        pytest.param({1: "int key", "s": {"nested": [b"bytes"]}}, id="dict"),
+        pytest.param(dt.datetime(2024, 1, 1, 12, tzinfo=dt.UTC), id="datetime"),
+        pytest.param({"big": "x" * (INLINE_LIMIT + 10)}, id="spilled"),
+    ],
+)
+def test_finished_result_is_replayed_exactly(fstore, result):
+    """A finished call returns its recorded result on the next call, same types, no re-run."""
+    body = Body(result)
+    assert call(body, store=fstore, key="r/k") == result
+    again = call(body, store=CheckpointStore(fstore.url), key="r/k")
+    assert again == result and type(again) is type(result)
+    assert body.runs == 1
+
+
+def test_failed_call_resumes_its_units(fstore):
+    """A body that raised mid-way resumes in the next call, skipping units already done."""
+    body = Body("ok", units=5, fail_at=3)
+    with pytest.raises(ConnectionError):
+        call(body, store=fstore, key="r/crash")
+    assert call(body, store=fstore, key="r/crash") == "ok"
+    view = fstore.read_view("r/crash")
+    assert {r.unit: r.epoch for r in view.units.values()} == {0: 1, 1: 1, 2: 1, 3: 2, 4: 2}
+
+
+def test_unrecordable_result_is_run_again_with_a_warning(fstore, caplog):
+    """A result the codec cannot give back exactly is not recorded: the next call runs the
+    body (its units skipped), and a warning says why."""
+    body = Body(object())
+    with caplog.at_level(logging.WARNING):
+        call(body, store=fstore, key="r/obj")
+    call(body, store=fstore, key="r/obj")
+    assert body.runs == 2
+    assert "cannot record exactly" in caplog.text
+
+
+def test_pickled_results_need_trust(fstore):
+    """pickle_result records anything; replaying it without trust is refused."""
+    body = Body(threading.Lock)  # a class: not plain data, pickles by reference
+    assert call(body, store=fstore, key="r/pk", pickle_ok=True) is threading.Lock
+    assert call(body, store=fstore, key="r/pk", pickle_ok=True) is threading.Lock
+    assert body.runs == 1
+    with pytest.raises(UnsafeCheckpointError):
+        call(body, store=fstore, key="r/pk")
+
+
+def test_expired_or_refreshed_result_runs_afresh(fstore):
+    """An expired result, or refresh=True, deletes the stage: the body runs again from its
+    first unit, above every epoch of the old run."""
+    body = Body("v1")
+    call(body, store=fstore, key="r/exp")
+    assert call(body, store=fstore, key="r/exp", expire=dt.timedelta(hours=1)) == "v1"
+    assert body.runs == 1
+    body.result = "v2"
+    assert call(body, store=fstore, key="r/exp", expire=dt.timedelta(0)) == "v2"
+    assert body.runs == 2
+    view = fstore.read_view("r/exp")
+    assert len(view.units) == 3 and {r.epoch for r in view.units.values()} == {view.epoch}
+    body.result = "v3"
+    assert call(body, store=fstore, key="r/exp", refresh=True) == "v3"
+
+
+def test_zombie_call_cannot_record_over_the_newer_one(fstore):
+    """A call whose attempt was superseded mid-body cannot record its result."""
+    started, release = threading.Event(), threading.Event()
+    out = {}
+
+    def slow(*, stage):
+        started.set()
+        release.wait(30)
+        return "zombie"
+
+    def run():
+        try:
+            out["zombie"] = call(slow, store=fstore, key="r/z")
+        except StaleAttemptError as exc:
+            out["zombie"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    assert started.wait(30)
+    assert call(Body("newer"), store=CheckpointStore(fstore.url), key="r/z") == "newer"
+    release.set()
+    t.join(30)
+    assert isinstance(out["zombie"], StaleAttemptError)
+    assert fstore.finished("r/z") == (True, {"v": "newer"})
+
+
+def test_async_call(fstore):
+    """call_async runs a coroutine body resumably and replays its result."""
+    runs = []
+
+    async def body(x, *, stage):
+        runs.append(stage.epoch)
+        stage.done(0)
+        return (x, stage.epoch)
+
+    assert asyncio.run(call_async(body, (7,), store=fstore, key="r/async")) == (7, 1)
+    assert asyncio.run(call_async(body, (7,), store=fstore, key="r/async")) == (7, 1)
+    assert runs == [1]
+
+
+def test_store_for_is_one_store_per_process_and_url(tmp_path):
+    """The per-process store cache returns the same store for the same URL and options."""
+    a = store_for(f"file://{tmp_path}/s")
+    assert store_for(f"file://{tmp_path}/s") is a
+    assert store_for(f"file://{tmp_path}/s", {"fsync": False}) is not a
