@@ -11,11 +11,11 @@ while a retry remains, ``gave_up`` when none does; key = the stage key; dedupe k
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from typing import Any
 
-from faultkit import CheckpointStore, Event, key
+from faultkit import CheckpointStore, Event, _incident, key
+from faultkit._resumable import store_for
 
 __all__ = [
     "POINTER",
@@ -47,7 +47,7 @@ def ti_stage_key(ti: Any) -> str:
 def resolve_store(store_conn_id: str | None, store_url: str | None) -> CheckpointStore:
     """The store named by a ``faultkit`` connection or by a URL (exactly one of them)."""
     if store_url:
-        return CheckpointStore(store_url)
+        return store_for(store_url)
     from .hooks import CheckpointHook
 
     return CheckpointHook(store_conn_id).get_store()
@@ -87,41 +87,8 @@ def task_label(dag_id: str, task_id: str, map_index: int | None) -> str:
 
 
 def progress(store: CheckpointStore | None, stage: str) -> dict[str, Any]:
-    """What the stage's log says right now: epoch, units done, last step, seconds since commit."""
-    if store is None:
-        return {}
-    try:
-        view = store.read_view(stage)
-    except Exception as exc:  # the alert must still go out if the store is unreachable
-        log.warning("could not read progress of %s: %s", stage, type(exc).__name__)
-        return {}
-    snaps = view.live_snaps()
-    return {
-        "epoch": view.epoch,
-        "units_done": len(view.units),
-        "last_step": snaps[-1].step if snaps else None,
-        "seconds_since_last_commit": round(max(0.0, time.time() - view.last_commit), 1)
-        if view.last_commit
-        else None,
-    }
-
-
-def _kept(p: Mapping[str, Any]) -> str:
-    if not p:
-        return "progress unknown (the store could not be read)"
-    parts = [f"{p.get('units_done', 0)} unit(s) done"]
-    if p.get("last_step") is not None:
-        parts.append(f"snapshot of step {p['last_step']}")
-    return ", ".join(parts)
-
-
-def _lost(p: Mapping[str, Any]) -> str:
-    secs = p.get("seconds_since_last_commit")
-    if not p:
-        return "unknown"
-    if secs is None:
-        return "everything this try did (nothing had been committed)"
-    return f"work after the last commit ({secs} s of it at most)"
+    """What the stage's log says right now (:func:`faultkit._incident.progress`)."""
+    return _incident.progress(store, stage)
 
 
 def incident_event(
@@ -154,25 +121,22 @@ def incident_event(
             else "no retry remains: the task has failed; committed progress is kept, so "
             "clearing the task resumes it"
         )
-    message = (
-        f"{label} (run {run_id}) try {try_number}{total} {cause}. "
-        f"Kept: {_kept(progress_now)}. Lost: {_lost(progress_now)}. Next: {next_step}."
-    )
-    details = {
-        "dag_id": dag_id,
-        "run_id": run_id,
-        "task_id": task_id,
-        "map_index": -1 if map_index is None else int(map_index),
-        "try_number": try_number,
-        "max_tries": max_tries,
-        "will_retry": will_retry,
-        "cause": cause,
-        **{k: v for k, v in progress_now.items() if v is not None},
-    }
-    return Event(
+    return _incident.incident(
         "retry_scheduled" if will_retry else "gave_up",
         stage_key(dag_id, run_id, task_id, map_index),
-        message,
-        details,
+        subject=f"{label} (run {run_id}) try {try_number}{total}",
+        cause=cause,
+        next_step=next_step,
+        progress_now=progress_now,
         dedupe_key=f"try-{try_number}",
+        details={
+            "dag_id": dag_id,
+            "run_id": run_id,
+            "task_id": task_id,
+            "map_index": -1 if map_index is None else int(map_index),
+            "try_number": try_number,
+            "max_tries": max_tries,
+            "will_retry": will_retry,
+            "cause": cause,
+        },
     )

@@ -20,7 +20,7 @@ except ImportError as exc:  # the adapter is optional: say which extra brings Da
         "dask_plugins needs Dask distributed, which is not installed: pip install 'faultkit[dask]'"
     ) from exc
 
-from ._resumable import Resumable, resumable, stage_key
+from ._resumable import Resumable, client_scope, resumable, stage_key
 from ._scheduler import WorkerLossPlugin
 from ._worker import CheckpointPlugin, register_flush, running_tasks
 
@@ -28,6 +28,7 @@ __all__ = [
     "CheckpointPlugin",
     "Resumable",
     "WorkerLossPlugin",
+    "client_scope",
     "register_flush",
     "resumable",
     "running_tasks",

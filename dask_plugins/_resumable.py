@@ -3,40 +3,35 @@
 from __future__ import annotations
 
 import collections
-import json
 import logging
-import pickle
 import threading
 import time
 from collections.abc import Callable, Iterable
+from datetime import timedelta
 from typing import Any
 
 from distributed.worker import get_worker, thread_state
 
-from faultkit import CheckpointStore, RetryPolicy, Stage, key
-from faultkit._errors import StoreConfigError, UnsafeCheckpointError
+from faultkit import CheckpointStore, RetryPolicy, key
+from faultkit import _resumable as resumable_call
+from faultkit._errors import StoreConfigError
 from faultkit._storage import redact_url
 
 from ._worker import PLUGIN_NAME, _enter_task, _exit_task
 
-__all__ = ["Resumable", "resumable", "stage_key"]
+__all__ = ["Resumable", "client_scope", "resumable", "stage_key"]
 
 log = logging.getLogger("faultkit.dask")
 
-#: The unit under which a finished task records its result in its stage.
-#: Results whose JSON is longer go to a snapshot instead of the log record.
-INLINE_LIMIT = 64 << 10
-
-_stores: dict[str, CheckpointStore] = {}
-_stores_lock = threading.Lock()
-_warned: set[str] = set()
+_scopes: dict[tuple[int, str], str] = {}
+_scopes_lock = threading.Lock()
 
 
-def stage_key(task_key: Any) -> str:
-    """The stage key of a Dask task key: ``dask/<key>`` (tuple keys give one segment each)."""
-    if isinstance(task_key, tuple):
-        return key("dask", *_flatten(task_key))
-    return key("dask", task_key)
+def stage_key(task_key: Any, scope: str) -> str:
+    """The stage key of a Dask task: ``dask/<scope>/<task key>`` (tuple keys give one
+    segment each). The default scope is the scheduler's id: one scheduler's lifetime."""
+    parts = _flatten(task_key) if isinstance(task_key, tuple) else [task_key]
+    return key("dask", scope, *parts)
 
 
 def _flatten(t: tuple[Any, ...]) -> list[Any]:
@@ -49,23 +44,24 @@ def _flatten(t: tuple[Any, ...]) -> list[Any]:
     return out
 
 
-def _store_for_url(url: str) -> CheckpointStore:
-    st = _stores.get(url)
-    if st is None:
-        with _stores_lock:
-            st = _stores.get(url)
-            if st is None:
-                st = _stores[url] = CheckpointStore(url)
-    return st
+def client_scope(client: Any) -> str:
+    """The default scope of tasks run through ``client``: its scheduler's id."""
+    return f"scheduler-{client.scheduler_info()['id']}"
 
 
-def _json_exact(value: Any) -> str | None:
-    """``value`` as JSON if JSON gives it back unchanged (no tuple->list, int->str keys)."""
-    try:
-        text = json.dumps(value, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError):
-        return None
-    return text if json.loads(text) == value else None
+def scheduler_scope(worker: Any) -> str:
+    """The id of the scheduler ``worker`` serves (asked once per worker and scheduler)."""
+    from distributed.utils import sync
+
+    ident = (id(worker), str(worker.scheduler.address))
+    with _scopes_lock:
+        scope = _scopes.get(ident)
+    if scope is None:
+        info = sync(worker.loop, worker.scheduler.identity)
+        scope = f"scheduler-{info['id']}"
+        with _scopes_lock:
+            _scopes[ident] = scope
+    return scope
 
 
 class Resumable:
@@ -80,6 +76,8 @@ class Resumable:
         *,
         store: str | CheckpointStore | None = None,
         retry: RetryPolicy | None = None,
+        scope: str | None = None,
+        expire: timedelta | None = None,
         pickle_result: bool = False,
     ) -> None:
         if not callable(fn):
@@ -101,8 +99,15 @@ class Resumable:
             raise StoreConfigError(
                 f"store must be a URL or a CheckpointStore, got {type(store).__name__}"
             )
+        if expire is not None and scope is None:
+            raise ValueError(
+                "expire= applies to results reused across schedulers; name that scope too "
+                "(resumable(fn, scope='nightly-etl', expire=timedelta(days=1)))"
+            )
         self.fn = fn
         self.retry = retry
+        self.scope = scope
+        self.expire = expire
         self.pickle_result = bool(pickle_result)
         self.__name__ = getattr(fn, "__name__", type(fn).__name__)
         self.__doc__ = getattr(fn, "__doc__", None)
@@ -129,7 +134,7 @@ class Resumable:
             from dask.base import tokenize
 
             self._token = tokenize(self.fn)
-        return ("faultkit.resumable", self._token, self.store_url, self.pickle_result)
+        return ("faultkit.resumable", self._token, self.store_url, self.scope, self.pickle_result)
 
     def dask_options(self) -> dict[str, Any]:
         """Keyword arguments for ``client.submit``/``map``: none, as the policy retries here.
@@ -166,7 +171,7 @@ class Resumable:
             if self.store_url is None or self.store_url in (plugin.store_url, plugin.store.url):
                 return worker, plugin.store
         if self.store_url is not None:
-            return worker, _store_for_url(self.store_url)
+            return worker, resumable_call.store_for(self.store_url)
         raise StoreConfigError(
             f"task {self.__name__!r} has no checkpoint store: register "
             "dask_plugins.CheckpointPlugin(url) with the client (or start the scheduler with "
@@ -199,7 +204,7 @@ class Resumable:
                     failures=failures,
                     elapsed=time.monotonic() - t0,
                     attempt=attempt,
-                    key=stage_key(task_key),
+                    key=str(task_key),
                 )
                 if wait is None:
                     raise
@@ -213,69 +218,27 @@ class Resumable:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        with store.stage(stage_key(task_key)) as stage:
-            if stage.resumed:
-                found, value = self._recorded(stage)
-                if found:
-                    log.info(
-                        "task %r finished before its worker was lost; returning its recorded "
-                        "result instead of running it again",
-                        task_key,
-                    )
-                    return value
-            _enter_task(task_key, id(worker) if worker is not None else None)
+        scope = self.scope or (scheduler_scope(worker) if worker is not None else "local")
+        wid = id(worker) if worker is not None else None
+
+        def body(*a: Any, stage: Any, **kw: Any) -> Any:
+            _enter_task(task_key, wid)
             try:
-                out = self.fn(*args, stage=stage, **kwargs)
+                return self.fn(*a, stage=stage, **kw)
             finally:
                 _exit_task()
-            self._record(stage, out)
-        return out
 
-    # -- the recorded result ----------------------------------------------------------
-
-    def _record(self, stage: Stage, out: Any) -> None:
-        text = _json_exact(out)
-        if text is not None and len(text) <= INLINE_LIMIT:
-            stage.finish({"v": out})
-            return
-        if text is not None:
-            data, fmt = text.encode(), "json"
-        elif self.pickle_result:
-            data, fmt = pickle.dumps(out, protocol=pickle.HIGHEST_PROTOCOL), "pickle"
-        else:
-            if self.__name__ not in _warned:
-                _warned.add(self.__name__)
-                log.warning(
-                    "task %r returned a %s, which JSON cannot hold exactly; its result is not "
-                    "recorded, so if its worker is lost before the result is fetched it runs "
-                    "again (its finished units are still skipped). Return JSON data, or pass "
-                    "resumable(fn, pickle_result=True) if you trust the store",
-                    self.__name__,
-                    type(out).__name__,
-                )
-            return
-        snap = stage.save(data, step=0, meta={"faultkit": "result", "format": fmt})
-        stage.finish({"snapshot": snap.checksum, "format": fmt})
-
-    def _recorded(self, stage: Stage) -> tuple[bool, Any]:
-        if not stage.finished:
-            return False, None
-        rec = stage.final_result or {}
-        if "v" in rec:
-            return True, rec["v"]
-        fmt = rec.get("format")
-        if fmt == "pickle" and not self.pickle_result:
-            raise UnsafeCheckpointError(
-                f"stage {stage.key!r} recorded a pickled result, and loading it would run "
-                "code from the store; pass resumable(fn, pickle_result=True) if you trust it"
-            )
-        snap = stage.latest()
-        if snap is None or snap.checksum != rec.get("snapshot"):
-            log.warning("stage %s: its recorded result is not readable; running again", stage.key)
-            return False, None
-        if fmt == "pickle":
-            return True, pickle.loads(snap.data)
-        return True, json.loads(snap.data)
+        body.__qualname__ = self.__name__
+        return resumable_call.call(
+            body,
+            args,
+            kwargs,
+            store=store,
+            key=stage_key(task_key, scope),
+            expire=self.expire,
+            pickle_ok=self.pickle_result,
+            logger=log,
+        )
 
 
 def resumable(
@@ -283,12 +246,18 @@ def resumable(
     *,
     store: str | CheckpointStore | None = None,
     retry: RetryPolicy | None = None,
+    scope: str | None = None,
+    expire: timedelta | None = None,
     pickle_result: bool = False,
 ) -> Resumable:
     """Wrap ``fn`` so that, run as a Dask task, it resumes after its worker is lost.
 
     ``client.submit(resumable(fn), *args, key=...)`` runs ``fn(*args, stage=stage)`` where
-    ``stage`` is the :class:`faultkit.Stage` of the task's key (``dask/<task key>``). When the
+    ``stage`` is the :class:`faultkit.Stage` of the task's key within a scope
+    (``dask/<scope>/<task key>``). The scope defaults to the scheduler's lifetime (its id):
+    the same graph computed again on a new cluster runs afresh, while on the same scheduler
+    a task rerun after its worker died resumes. Name a wider scope to reuse finished results
+    across schedulers, for at most ``expire``. When the
     worker dies the scheduler reruns the task elsewhere; the rerun claims the stage (fencing
     the lost attempt) and skips the units already done. A task that had finished before its
     worker died (its result lost with the worker's memory) returns its recorded result without
@@ -311,11 +280,15 @@ def resumable(
             as its URL; its credentials are not pickled (the plugin's store is used when the
             URLs match).
         retry: a :class:`faultkit.RetryPolicy` the task retries itself by (see above).
+        scope: reuse results across schedulers under this name (default: this scheduler).
+        expire: with ``scope``, a recorded result older than this runs afresh.
         pickle_result: record results that JSON cannot hold with pickle (loading runs code
             from the store, so only for trusted stores).
 
     Returns:
         A picklable callable; keys derived from it are stable across client sessions, so a
-        resubmitted task finds its stage (delete the stage to run it afresh).
+        task resubmitted to the same scheduler finds its stage.
     """
-    return Resumable(fn, store=store, retry=retry, pickle_result=pickle_result)
+    return Resumable(
+        fn, store=store, retry=retry, scope=scope, expire=expire, pickle_result=pickle_result
+    )

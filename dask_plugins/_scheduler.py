@@ -15,7 +15,9 @@ from typing import Any
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from faultkit import Alerter, CheckpointStore, Event
+from faultkit._alerts import alert_urls
 from faultkit._events import emit
+from faultkit._incident import progress
 from faultkit._storage import redact_url
 
 from ._resumable import stage_key
@@ -82,7 +84,7 @@ class WorkerLossPlugin(SchedulerPlugin):
         dedupe_window: float = 600.0,
         **storage_options: Any,
     ) -> None:
-        self.alerts = [alerts] if isinstance(alerts, str) else list(alerts)
+        self.alerts = alert_urls(alerts)
         self.store_url = store_url
         self.dedupe_window = float(dedupe_window)
         self.storage_options = storage_options
@@ -286,23 +288,15 @@ class WorkerLossPlugin(SchedulerPlugin):
         """
         return await asyncio.to_thread(self.flush, timeout)
 
+    def _stage_key(self, key: Any) -> str:
+        """The stage of a task run with the default scope (this scheduler's lifetime)."""
+        return stage_key(key, f"scheduler-{self.scheduler.id}")
+
     def _progress(self, key: Any, now: float) -> dict[str, Any] | None:
-        if self._store is None:
+        if self._store is None or self.scheduler is None:
             return None
-        try:
-            view = self._store.read_view(stage_key(key))
-        except Exception as exc:
-            log.debug("no progress for %r: %s", key, exc)
-            return None
-        if not view.cursor:
-            return None
-        snaps = view.live_snaps()
-        out: dict[str, Any] = {"stage": stage_key(key), "units_done": len(view.units)}
-        if snaps:
-            out["last_step"] = snaps[-1].step
-        if view.last_commit:
-            out["seconds_since_last_commit"] = round(max(0.0, now - view.last_commit), 3)
-        return out
+        p = progress(self._store, self._stage_key(key), now)
+        return {"stage": self._stage_key(key), **p} if p else None
 
     def _events(self, info: dict[str, Any]) -> list[Event]:
         worker = info["worker"]
@@ -362,7 +356,7 @@ class WorkerLossPlugin(SchedulerPlugin):
             events.append(
                 Event(
                     "gave_up",
-                    stage_key(k),
+                    self._stage_key(k),
                     f"Dask gave up on task {k!r}: {n} worker(s) died while running it, over "
                     f"allowed-failures={allowed}, so it failed with KilledWorker. Its "
                     "committed progress is kept; resubmit it to resume.",

@@ -13,9 +13,10 @@ or in Dask's configuration::
         preload-argv: [--faultkit-store, "file:///shared/ck"]
 
 The options may also come from ``FAULTKIT_STORE`` and ``FAULTKIT_ALERT`` (several URLs
-separated by spaces), which keeps alert credentials out of the command line. On a scheduler
-this adds :class:`~dask_plugins.WorkerLossPlugin` and registers
-:class:`~dask_plugins.CheckpointPlugin` for every current and future worker; on a worker
+separated by spaces or commas, faultkit's one alert-list syntax), which keeps alert
+credentials out of the command line. On a scheduler this adds
+:class:`~dask_plugins.WorkerLossPlugin` and registers :class:`~dask_plugins.CheckpointPlugin`
+for every current and future worker; on a worker
 (``dask worker --preload dask_plugins.preload``) it adds the worker plugin to that worker.
 """
 
@@ -26,6 +27,8 @@ import logging
 from typing import Any
 
 import click
+
+from faultkit._alerts import alert_urls
 
 from ._scheduler import WorkerLossPlugin
 from ._worker import CheckpointPlugin
@@ -54,7 +57,7 @@ async def install(
 
     if isinstance(server, Scheduler):
         plugin = await asyncio.to_thread(
-            WorkerLossPlugin, list(alerts), store, dedupe_window=dedupe_window
+            WorkerLossPlugin, alert_urls(list(alerts)), store, dedupe_window=dedupe_window
         )
         if plugin.name not in server.plugins:
             server.add_plugin(plugin, idempotent=True)

@@ -30,7 +30,7 @@ from typing import Any
 from . import _codec
 from ._store import CheckpointStore, Stage
 
-__all__ = ["accepts_stage", "call", "call_async", "store_for"]
+__all__ = ["accepts_stage", "call", "call_async", "recorded", "store_for"]
 
 log = logging.getLogger("faultkit.resumable")
 
@@ -50,6 +50,14 @@ def store_for(url: str, options: Mapping[str, Any] | None = None) -> CheckpointS
         if store is None:
             store = _stores[ident] = CheckpointStore(url, **dict(options or {}))
         return store
+
+
+def recorded(store: CheckpointStore, key: str, *, pickle_ok: bool = False) -> tuple[bool, Any]:
+    """``(True, result)`` if a resumable call of ``key`` finished and recorded its result,
+    else ``(False, None)``; claims nothing (for inspection and tests)."""
+    stage = store.stage(key)
+    stage.refresh()
+    return _codec.replay(stage, pickle_ok=pickle_ok)
 
 
 def accepts_stage(fn: Callable[..., Any]) -> bool:
@@ -73,17 +81,19 @@ def _prepare(
     refresh: bool,
     pickle_ok: bool,
     logger: logging.Logger,
+    make_stage: Callable[[CheckpointStore, str], Stage] | None = None,
 ) -> tuple[Stage, bool, Any]:
     """Steps 1-3 up to the claim: ``(stage, True, result)`` when a recorded result stands,
     else ``(claimed stage, False, None)``."""
-    stage = store.stage(key)
+    make = make_stage or (lambda st, k: st.stage(k))
+    stage = make(store, key)
     stage.refresh()
     if refresh or _expired(stage, expire):
         if stage.finished:
             why = "refresh asked" if refresh else f"its result is older than {expire}"
             logger.info("stage %s runs afresh (%s)", key, why)
             store.delete(key)
-            stage = store.stage(key)
+            stage = make(store, key)
     else:
         found, value = _codec.replay(stage, pickle_ok=pickle_ok)
         if found:
@@ -123,6 +133,7 @@ def call(
     refresh: bool = False,
     pickle_ok: bool = False,
     on_stage: Callable[[Stage], object] | None = None,
+    make_stage: Callable[[CheckpointStore, str], Stage] | None = None,
     logger: logging.Logger | None = None,
 ) -> Any:
     """Run ``fn(*args, stage=stage, **kwargs)`` as a resumable call of stage ``key``.
@@ -136,13 +147,14 @@ def call(
         refresh: never reuse a recorded result (the stage runs afresh).
         pickle_ok: record results the codec does not accept with pickle (trusted stores).
         on_stage: called with the claimed stage before the body runs (host bookkeeping).
+        make_stage: builds the Stage (a host's Stage subclass), default ``store.stage``.
         logger: the host's logger (default ``faultkit.resumable``).
 
     Returns:
         What ``fn`` returned, or the recorded result of an earlier attempt that finished.
     """
     logger = logger or log
-    stage, done, value = _prepare(store, key, expire, refresh, pickle_ok, logger)
+    stage, done, value = _prepare(store, key, expire, refresh, pickle_ok, logger, make_stage)
     if done:
         return value
     if on_stage is not None:

@@ -12,6 +12,8 @@ import json
 import threading
 from typing import TYPE_CHECKING, Any
 
+from faultkit._alerts import alert_urls
+
 if TYPE_CHECKING:
     from faultkit import Alerter, CheckpointStore, RetryPolicy
 
@@ -123,7 +125,7 @@ class AlertRef:
         from ._blocks import AlertBlock
 
         if isinstance(value, str):
-            value = [value] if _is_url(value) else value
+            value = alert_urls(value) if _is_url(value) else value
         if isinstance(value, Alerter):
             self._alerter: Alerter | None = value
             self._spec: Any = None

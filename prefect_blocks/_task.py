@@ -15,14 +15,14 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from faultkit import _resumable as resumable
+
 from ._ephemeral import guard as _guard_server
 from ._refs import AlertRef, PolicyRef, StoreRef
 
 __all__ = ["resumable_task", "stage_key"]
 
 log = logging.getLogger("faultkit.prefect")
-
-# The unit that records a finished task and its (JSON) return value.
 
 
 def _canonical(value: Any) -> Any:
@@ -58,54 +58,65 @@ def _digest(payload: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 
-def stage_key(
-    flow_name: str, parameters: Mapping[str, Any], task_name: str, inputs: Mapping[str, Any]
-) -> str:
-    """The default stage key: flow name, a hash of the flow's parameters, task name, inputs.
+def stage_key(flow_name: str, flow_run_id: Any, task_name: str, inputs: Mapping[str, Any]) -> str:
+    """The default stage key: ``prefect/<flow>/<flow run id>/<task>/<hash of its inputs>``.
 
-    The same flow run again with the same parameters gets the same keys, so it resumes; the
-    flow run id is deliberately not part of it.
+    Scoped to the flow run, whose id stays the same through Prefect's own retries and
+    faultkit's crash-retry: those resume, while the next scheduled run computes afresh.
     """
     from faultkit import key
 
-    return key("prefect", flow_name, task_name, _digest({"flow": parameters, "task": inputs}))
+    return key("prefect", flow_name, str(flow_run_id), task_name, _digest(inputs))
 
 
-def _run_context() -> tuple[str, Mapping[str, Any], str]:
-    """(flow name, flow parameters, task name) of the task run in progress."""
+def _user_key(text: str) -> str:
+    """A key the user named, used as written when valid, else built with ``faultkit.key``."""
+    from faultkit import InvalidKeyError, key
+    from faultkit._keys import check_key
+
+    try:
+        return check_key(text)
+    except InvalidKeyError:
+        return key(*text.split("/"))
+
+
+def _run_context() -> tuple[str, Any, Mapping[str, Any], str]:
+    """(flow name, flow run id, flow parameters, task name) of the task run in progress."""
     from prefect.context import FlowRunContext, TaskRunContext
 
     task_ctx = TaskRunContext.get()
     flow_ctx = FlowRunContext.get()
     task_name = task_ctx.task.name if task_ctx is not None else ""
-    flow_name, params = "", {}
-    if flow_ctx is not None:
-        flow_name = getattr(flow_ctx.flow, "name", "") or ""
-        params = dict(flow_ctx.parameters or {})
-        if not params and flow_ctx.flow_run is not None:
-            params = dict(flow_ctx.flow_run.parameters or {})
-    elif task_ctx is not None and task_ctx.task_run.flow_run_id is not None:
-        # A task on a remote runner (Dask) without the flow's context: ask the server.
-        from prefect import get_client
-
-        with get_client(sync_client=True) as client:
-            fr = client.read_flow_run(task_ctx.task_run.flow_run_id)
-            flow = client.read_flow(fr.flow_id)
-        flow_name, params = flow.name, dict(fr.parameters or {})
     if not task_name:
         raise RuntimeError(
             "a resumable_task must run inside a Prefect task run (call it from a @flow, "
             "or call .fn(..., stage=...) to run the function alone)"
         )
-    return flow_name, params, task_name
+    run_id, params, flow_name = task_ctx.task_run.flow_run_id, {}, ""
+    if flow_ctx is not None and flow_ctx.flow_run is not None:
+        run_id = flow_ctx.flow_run.id
+        flow_name = getattr(flow_ctx.flow, "name", "") or ""
+        params = dict(flow_ctx.parameters or flow_ctx.flow_run.parameters or {})
+    elif run_id is not None:
+        # A task on a remote runner (Dask) without the flow's context: ask the server.
+        from prefect import get_client
+
+        with get_client(sync_client=True) as client:
+            fr = client.read_flow_run(run_id)
+            flow_name = client.read_flow(fr.flow_id).name
+        params = dict(fr.parameters or {})
+    if run_id is None:  # a task called outside any flow: its own task run is the scope
+        run_id = task_ctx.task_run.id
+    return flow_name or "-", run_id, params, task_name
 
 
-def _json_ok(value: Any) -> bool:
+def _logger() -> Any:
     try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return False
-    return True
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # outside a run context
+        return log
 
 
 def resumable_task(
@@ -114,19 +125,23 @@ def resumable_task(
     store: Any,
     retry: Any = None,
     key: str | Callable[..., str] | None = None,
+    expire: _dt.timedelta | None = None,
     alerts: Any = None,
+    pickle_result: bool = False,
     **task_kwargs: Any,
 ) -> Any:
     """A Prefect ``@task`` whose function receives ``stage=`` and resumes after a crash.
 
-    The function runs inside ``with store.stage(key) as stage:``; units it marks done with
-    ``stage.done`` are skipped by every later attempt (``stage.pending``), and its JSON return
-    value is recorded, so a later run with the same key returns it without running the body.
+    The function runs inside a claimed stage; units it marks done with ``stage.done`` are
+    skipped by every later attempt (``stage.pending``), and its return value is recorded, so
+    a later attempt returns it without running the body (``faultkit._resumable.call``).
 
-    The key defaults to ``prefect/<flow>/<task>/<hash of flow parameters and task inputs>``:
-    running the same flow with the same parameters again resumes and skips finished work,
-    whatever the flow run. Two calls with the same inputs in one flow share a stage (the
-    second returns the first's result); give them different inputs or a ``key=``.
+    What is reused is scoped to the flow run: the key defaults to
+    ``prefect/<flow>/<flow run id>/<task>/<hash of its inputs>``, so Prefect's retries and
+    faultkit's crash-retry of that flow run resume, and the next run of the flow (scheduled,
+    same parameters or none) runs the body again. Name a wider scope with ``key=`` to reuse
+    results across flow runs, for at most ``expire=``. Prefect's ``refresh_cache=True``
+    and ``cache_expiration=`` mean the same here: run afresh, and ``expire``.
 
     Args:
         fn: the function; it must accept a ``stage`` keyword argument.
@@ -137,10 +152,16 @@ def resumable_task(
             options with ``policy.prefect()`` (explicit ``task_kwargs`` win). Nothing is
             loaded here: a block name is loaded when Prefect first reads the task's retry
             options, as the task run is created (see :class:`ResumableTask`).
-        key: a fixed key, a template formatted with the task's inputs and the flow's
-            parameters (``"etl/{partition}"``), or a function of the task's inputs returning one.
+        key: a wider scope than the flow run: a fixed key, a template formatted with the
+            task's inputs and the flow's parameters (``"etl/{partition}"``), or a function
+            of the task's inputs returning one. Used as written when it is a valid key, else
+            built with ``faultkit.key``.
+        expire: a recorded result older than this is not reused (default: never expires;
+            ``cache_expiration=`` is taken when given).
         alerts: Apprise URLs, an ``AlertBlock`` or its name: a ``gave_up`` alert is sent when
             the task fails for good (deduplicated through ``store``).
+        pickle_result: record results the codec cannot give back exactly with pickle
+            (loading runs code from the store: trusted stores only).
         **task_kwargs: passed to ``prefect.task`` (``name``, ``tags``, ``timeout_seconds``...).
 
     Returns:
@@ -150,12 +171,20 @@ def resumable_task(
     Decorating resolves nothing: ``store=``, ``retry=`` and ``alerts=`` given as block names
     are loaded when the task runs, so importing a flow module needs no Prefect API.
 
-    A return value that is not JSON-serialisable is returned but not recorded (a warning
-    says so): a later run then calls the function again, which skips the units already done.
+    A return value the codec does not accept (see ``faultkit._codec``) is returned but not
+    recorded (a warning says so): a later attempt calls the function again, which skips the
+    units already done.
     """
     if fn is None:
         return functools.partial(
-            resumable_task, store=store, retry=retry, key=key, alerts=alerts, **task_kwargs
+            resumable_task,
+            store=store,
+            retry=retry,
+            key=key,
+            expire=expire,
+            alerts=alerts,
+            pickle_result=pickle_result,
+            **task_kwargs,
         )
     from ._retry_task import ResumableTask
 
@@ -171,68 +200,41 @@ def resumable_task(
     alert_ref = AlertRef(alerts, store_ref) if alerts is not None else None
     policy = PolicyRef.of(retry)
 
-    def _key(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    expire = expire or task_kwargs.get("cache_expiration")
+    refresh = bool(task_kwargs.get("refresh_cache"))
+
+    def _call_args(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        _guard_server()
         bound = public_sig.bind(*args, **kwargs)
         bound.apply_defaults()
         inputs = dict(bound.arguments)
-        flow_name, params, task_name = _run_context()
+        flow_name, run_id, params, task_name = _run_context()
         if key is None:
-            return stage_key(flow_name, params, task_name, inputs), inputs
-        if callable(key):
-            return key(**inputs), inputs
-        if "{" in key:
-            return key.format(**{**params, **inputs}), inputs
-        return key, inputs
-
-    def _open(k: str) -> tuple[Any, bool, Any]:
-        """(stage, finished?, recorded result); reading the log does not claim the stage."""
-        stage = store_ref.get().stage(k)
-        stage.refresh()
-        if stage.finished:
-            return stage, True, stage.final_result
-        return stage, False, None
-
-    def _record(stage: Any, value: Any) -> None:
-        if _json_ok(value):
-            stage.finish(value)
+            k = stage_key(flow_name, run_id, task_name, inputs)
+        elif callable(key):
+            k = _user_key(key(**inputs))
         else:
-            log.warning(
-                "%s returned a %s, which is not JSON: its completion is not recorded, so a "
-                "re-run calls it again (finished units are still skipped). Return a small "
-                "JSON summary to let re-runs skip it entirely.",
-                fn.__qualname__,
-                type(value).__name__,
-            )
+            k = _user_key(key.format(**{**params, **inputs}) if "{" in key else key)
+        return {
+            "store": store_ref.get(),
+            "key": k,
+            "expire": expire,
+            "refresh": refresh,
+            "pickle_ok": pickle_result,
+            "logger": _logger(),
+        }
 
     if inspect.iscoroutinefunction(fn):
 
         @functools.wraps(fn)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            _guard_server()
-            k, _ = _key(args, kwargs)
-            stage, done, result = _open(k)
-            if done:
-                log.info("stage %s already finished; returning its recorded result", k)
-                return result
-            with stage:
-                value = await fn(*args, stage=stage, **kwargs)
-                _record(stage, value)
-            return value
+            return await resumable.call_async(fn, args, kwargs, **_call_args(args, kwargs))
 
     else:
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            _guard_server()
-            k, _ = _key(args, kwargs)
-            stage, done, result = _open(k)
-            if done:
-                log.info("stage %s already finished; returning its recorded result", k)
-                return result
-            with stage:
-                value = fn(*args, stage=stage, **kwargs)
-                _record(stage, value)
-            return value
+            return resumable.call(fn, args, kwargs, **_call_args(args, kwargs))
 
     wrapper.__signature__ = public_sig  # type: ignore[attr-defined]
     options: dict[str, Any] = dict(task_kwargs)

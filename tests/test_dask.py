@@ -16,7 +16,14 @@ import dask
 import pytest
 from distributed import Client, KilledWorker, LocalCluster
 
-from dask_plugins import CheckpointPlugin, WorkerLossPlugin, register_flush, resumable, stage_key
+from dask_plugins import (
+    CheckpointPlugin,
+    WorkerLossPlugin,
+    client_scope,
+    register_flush,
+    resumable,
+    stage_key,
+)
 from faultkit import CheckpointStore, RetryPolicy, chaos
 from faultkit.demo import check_sink, etl_partition
 from faultkit.demo._dask import kill_worker_running, run_etl_on_dask, run_train_on_dask
@@ -141,7 +148,7 @@ def test_etl_worker_killed_resumes_exactly_once(ready, faultkit_chaos, run):
         journal=journal,
         wait=False,
     )
-    skey = stage_key(fut.key)
+    skey = stage_key(fut.key, client_scope(env.client))
     wait_until(lambda: len(env.store.read_view(skey).units) >= kill_after, 120, "ETL progress")
     if point is None:
         addr, _, key = kill_worker_running(env.client, fut.key)
@@ -192,7 +199,7 @@ def test_training_worker_killed_weights_bitwise_equal(ready):
         journal=journal,
         wait=False,
     )
-    skey = stage_key(fut.key)
+    skey = stage_key(fut.key, client_scope(env.client))
 
     def progressed() -> bool:
         if fut.status == "error":
@@ -276,7 +283,8 @@ def test_killed_worker_gives_one_gave_up_alert(ready):
             fut.result(timeout=120)
     finally:
         c.run_on_scheduler(lambda dask_scheduler: setattr(dask_scheduler, "allowed_failures", 3))
-    assert env.store.read_view(stage_key("suicide")).epoch == 2  # both workers really died
+    skey = stage_key("suicide", client_scope(c))
+    assert env.store.read_view(skey).epoch == 2  # both workers really died
     wait_until(lambda: len(_alerts(env.receiver, "gave_up")) >= gave_before + 1, 30, "gave_up")
     _flush_alerts(c)
     gave = _alerts(env.receiver, "gave_up")[gave_before:]
@@ -313,7 +321,7 @@ def test_sigterm_flushes_emergency_checkpoint(ready):
     res = fut.result(timeout=120)
     assert res["epoch"] == 2
     assert res["start"] >= 8, "the rerun did not resume from the emergency checkpoint"
-    snaps = env.store.read_view(stage_key("sigterm")).live_snaps()
+    snaps = env.store.read_view(stage_key("sigterm", client_scope(env.client))).live_snaps()
     assert any(s.meta.get("sigterm") for s in snaps)
     assert _lines(journal) - 200 <= 1
 
@@ -343,7 +351,7 @@ def test_map_delayed_and_retry_policy(ready):
     bare = env.client.submit(resumable(_flaky), 5, "bare", key="flaky-bare")
     with pytest.raises(ConnectionError):
         bare.result(timeout=60)
-    view = env.store.read_view(stage_key("flaky-bare"))
+    view = env.store.read_view(stage_key("flaky-bare", client_scope(env.client)))
     assert [r.unit for r in view.units.values()] == [0]
 
 
@@ -433,3 +441,31 @@ def test_resumable_outside_a_worker_says_what_to_do():
     with pytest.raises(RuntimeError, match="Dask task key"):
         resumable(_side_effect, store="memory://x")("/dev/null", 1)
     assert "resumable" in repr(resumable(_side_effect))
+
+
+def _count_run(path: str, x: int, *, stage) -> int:
+    _append(path, f"ran {x}")
+    stage.done(0)
+    return x * 2
+
+
+def test_results_are_scoped_to_the_scheduler_unless_named(tmp_path):
+    """The same graph on a new cluster runs again (results live as long as the scheduler);
+    with scope= a finished result is reused by the next cluster, until it expires."""
+    import datetime as dt
+
+    url = f"file://{tmp_path}/store"
+    runs = str(tmp_path / "runs")
+    for _ in range(2):
+        with (
+            LocalCluster(n_workers=1, processes=False, dashboard_address=None) as cluster,
+            Client(cluster) as client,
+        ):
+            default = resumable(_count_run, store=url)
+            named = resumable(_count_run, store=url, scope="nightly", expire=dt.timedelta(hours=1))
+            assert client.submit(default, runs, 1, key="same-key").result(60) == 2
+            assert client.submit(named, runs, 2, key="named-key").result(60) == 4
+    assert _lines(runs) == 3  # the default-scoped task twice, the named one once
+    assert len(CheckpointStore(url).keys("dask/nightly")) == 1
+    with pytest.raises(ValueError, match="scope"):
+        resumable(_count_run, expire=dt.timedelta(hours=1))

@@ -13,7 +13,14 @@ import dask
 import pytest
 from distributed import Client, LocalCluster
 
-from dask_plugins import CheckpointPlugin, WorkerLossPlugin, register_flush, resumable, stage_key
+from dask_plugins import (
+    CheckpointPlugin,
+    WorkerLossPlugin,
+    client_scope,
+    register_flush,
+    resumable,
+    stage_key,
+)
 from faultkit import CheckpointStore
 from faultkit.demo._dask import kill_worker_running
 from faultkit.testing import free_port, wait_until
@@ -142,7 +149,9 @@ def test_preloaded_scheduler_alerts_on_killed_worker(tmp_path, alert_receiver):
             fut = client.submit(resumable(_steps), 40, key="preloaded")  # the plugin's store
             store = CheckpointStore(url)
             wait_until(
-                lambda: len(store.read_view(stage_key("preloaded")).units) >= 3,
+                lambda: (
+                    len(store.read_view(stage_key("preloaded", client_scope(client))).units) >= 3
+                ),
                 120,
                 "progress on a worker",
             )
@@ -183,7 +192,8 @@ def test_preload_from_dask_config(tmp_path):
         assert CheckpointPlugin.name in cluster.scheduler.worker_plugins
         assert _report(client)["counts"]["starts"] == 1, "the plugin was started twice"
         assert client.submit(resumable(_steps), 3, key="configured").result(60) == {"epoch": 1}
-    assert CheckpointStore(url).keys() == [stage_key("configured")]
+        scope = client_scope(client)
+    assert CheckpointStore(url).keys() == [stage_key("configured", scope)]
 
 
 def test_sigterm_to_dask_worker_cli_flushes_under_the_nanny(tmp_path):
@@ -202,6 +212,7 @@ def test_sigterm_to_dask_worker_cli_flushes_under_the_nanny(tmp_path):
             fut = client.submit(resumable(_flush_then_block), marker, key="nanny-sigterm")
             wait_until(lambda: "running" in _lines(marker), 60, "the task to run")
             [worker_pid] = client.run(os.getpid).values()
+            scope = client_scope(client)
             assert worker_pid != nanny.pid  # the task runs in the Nanny's child process
 
             t0 = time.monotonic()
@@ -210,7 +221,7 @@ def test_sigterm_to_dask_worker_cli_flushes_under_the_nanny(tmp_path):
             wait_until(
                 lambda: any(
                     s.meta.get("sigterm")
-                    for s in store.read_view(stage_key("nanny-sigterm")).live_snaps()
+                    for s in store.read_view(stage_key("nanny-sigterm", scope)).live_snaps()
                 ),
                 30,
                 "the emergency checkpoint",

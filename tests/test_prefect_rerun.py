@@ -17,6 +17,7 @@ import pytest
 pytest.importorskip("prefect")
 
 from faultkit import CheckpointStore
+from faultkit._resumable import recorded
 from faultkit.testing import wait_until
 from prefect_blocks._ephemeral import ephemeral_servers
 
@@ -106,7 +107,7 @@ def _kill_then_rerun(tmp_path: Path, api_url: str | None) -> tuple[str, str]:
     resumed = list(range(HOLD + 1, 15))
     assert _units_by_epoch(store) == {1: list(range(HOLD + 1)), 2: resumed}
     assert f"RESULT {resumed}" in second.stdout
-    assert store.finished(KEY) == (True, resumed)
+    assert recorded(store, KEY) == (True, resumed)
     return out1, out2
 
 

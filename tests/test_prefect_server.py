@@ -7,6 +7,7 @@ import pytest
 pytest.importorskip("prefect")
 
 from faultkit import CheckpointStore, RetryPolicy, demo
+from faultkit._resumable import recorded
 from faultkit.demo._prefect import PrefectStack, units_done
 from faultkit.testing import AlertReceiver, wait_until
 
@@ -76,12 +77,16 @@ def test_killed_etl_run_is_rerun_and_loads_rows_once(stack, receiver, tmp_path):
     assert len(alerts) == 1, alerts
     assert "worker_lost" in str(alerts[0])
 
-    # Re-running the completed flow with the same parameters runs no task body again.
+    # A new run of the flow with the same parameters is a new run: it loads afresh under its
+    # own stages (into another sink here), and the first run's stages are left as they were.
     epochs = {k: store.read_view(k).epoch for k in store.keys("prefect/faultkit-etl")}
-    again = stack.run("faultkit-etl/etl", {"sink_url": sink, **ETL})
+    sink2 = f"sqlite:///{tmp_path / 'sink2.db'}"
+    again = stack.run("faultkit-etl/etl", {"sink_url": sink2, **ETL})
     stack.wait(again, "COMPLETED", timeout=120)
-    assert {k: store.read_view(k).epoch for k in store.keys("prefect/faultkit-etl")} == epochs
-    assert demo.check_sink(sink)["rows"] == demo.expected_rows(ETL["partitions"], ETL["rows"])
+    after = {k: store.read_view(k).epoch for k in store.keys("prefect/faultkit-etl")}
+    assert {k: e for k, e in after.items() if k in epochs} == epochs
+    assert len(after) == 2 * len(epochs) and all(after[k] == 1 for k in after if k not in epochs)
+    assert demo.check_sink(sink2)["rows"] == demo.expected_rows(ETL["partitions"], ETL["rows"])
 
 
 TRAIN = {"steps": 60, "every_steps": 10, "seed": 0, "step_delay": 0.25}
@@ -110,7 +115,7 @@ def test_lost_worker_training_run_is_detected_by_heartbeats_and_resumes(stack, r
     (k,) = store.keys("prefect/faultkit-train")
     view = store.read_view(k)
     assert view.epoch == 2
-    assert view.finished.result == demo.reference_train(TRAIN["steps"], TRAIN["seed"])
+    assert recorded(store, k) == (True, demo.reference_train(TRAIN["steps"], TRAIN["seed"]))
     receiver.wait_for(before + 1, timeout=30)
     alerts = receiver.messages()[before:]
     assert len(alerts) == 1, alerts

@@ -235,8 +235,12 @@ def test_failure_midway_is_retried_and_resumes(tmp_path):
     assert CALLS == [("b1", u) for u in range(5)]  # every unit ran exactly once
 
 
-def test_rerun_with_same_parameters_runs_no_body(tmp_path):
-    """Re-running a completed flow with the same parameters skips every task body."""
+def test_each_flow_run_runs_its_bodies_and_a_named_scope_reuses(tmp_path):
+    """Results are reused within a flow run only: two runs of one flow with the same (or
+    no) parameters both run their task bodies; a task given a wider scope (key=) reuses its
+    result across runs until it expires."""
+    import datetime as dt
+
     CALLS.clear()
 
     @resumable_task(store=f"file://{tmp_path}")
@@ -244,35 +248,43 @@ def test_rerun_with_same_parameters_runs_no_body(tmp_path):
         CALLS.append(("square", x))
         return x * x
 
+    @resumable_task(store=f"file://{tmp_path}", key="daily/{x}", expire=dt.timedelta(hours=1))
+    def cube(x: int, stage) -> int:
+        CALLS.append(("cube", x))
+        return x**3
+
     @flow
     def squares(n: int = 3) -> list[int]:
-        return [f.result() for f in square.map(list(range(n)))]
+        return [f.result() for f in square.map(list(range(n)))] + [cube(2)]
 
-    assert squares() == [0, 1, 4]
-    assert squares() == [0, 1, 4]
-    assert sorted(CALLS) == [("square", 0), ("square", 1), ("square", 2)]
-    assert squares(n=2) == [0, 1]  # other parameters: other stages
-    assert len(CALLS) == 5
+    assert squares() == [0, 1, 4, 8]
+    assert squares() == [0, 1, 4, 8]
+    assert sorted(CALLS) == sorted([("square", x) for x in range(3)] * 2 + [("cube", 2)])
 
 
-def test_default_key_is_stable_and_key_override(tmp_path):
-    """Keys hash flow parameters and inputs stably; ``key=`` templates override them."""
-    a = stage_key("f", {"n": 1, "m": [1, 2]}, "t", {"x": {"b": 1, "a": 2}})
-    b = stage_key("f", {"m": [1, 2], "n": 1}, "t", {"x": {"a": 2, "b": 1}})
-    assert a == b and a.startswith("prefect/f/t/")
-    assert stage_key("f", {"n": 2, "m": [1, 2]}, "t", {"x": {"a": 2, "b": 1}}) != a
+def test_default_key_is_the_flow_run_and_key_override(tmp_path):
+    """Default keys are scoped to the flow run and hash inputs stably; ``key=`` templates
+    name a wider scope (a key that is not valid as written is built with faultkit.key)."""
+    a = stage_key("f", "run-1", "t", {"x": {"b": 1, "a": 2}})
+    b = stage_key("f", "run-1", "t", {"x": {"a": 2, "b": 1}})
+    assert a == b and a.startswith("prefect/f/run-1/t/")
+    assert stage_key("f", "run-2", "t", {"x": {"a": 2, "b": 1}}) != a
     with pytest.raises(TypeError, match="pass key="):
-        stage_key("f", {}, "t", {"x": object()})
+        stage_key("f", "run-1", "t", {"x": object()})
 
     @resumable_task(store=f"file://{tmp_path}", key="etl/{region}/{day}")
     def part(region: str, stage) -> str:
         return stage.key
 
-    @flow
-    def keyed(day: str = "2024-01-01") -> str:
-        return part("emea")
+    @resumable_task(store=f"file://{tmp_path}", key="etl/{region} x")
+    def odd(region: str, stage) -> str:
+        return stage.key
 
-    assert keyed() == "etl/emea/2024-01-01"
+    @flow
+    def keyed(day: str = "2024-01-01") -> tuple[str, str]:
+        return part("emea"), odd("emea")
+
+    assert keyed() == ("etl/emea/2024-01-01", "etl/emea=20x")
 
 
 def test_a_task_without_stage_is_refused():
@@ -299,12 +311,13 @@ def test_gave_up_alert_when_a_task_fails_for_good(tmp_path, alert_receiver):
 
 
 def test_dask_task_runner_resumes(tmp_path):
-    """On the Dask task runner (worker processes) tasks run once and re-runs skip them."""
+    """On the Dask task runner (worker processes) tasks run once, and a run of the flow with a
+    named scope (key=) returns their recorded results without running them."""
     prefect_dask = pytest.importorskip("prefect_dask")
     marks = tmp_path / "marks"
     marks.mkdir()
 
-    @resumable_task(store=f"file://{tmp_path / 'store'}")
+    @resumable_task(store=f"file://{tmp_path / 'store'}", key="touch/{i}")
     def touch(i: int, stage) -> int:
         (marks / f"{i}-{os.getpid()}-{stage.epoch}").touch()
         return i + 1
@@ -337,7 +350,8 @@ def _child_flow(api_url: str, store_url: str, out: str) -> dict:
 
 
 def _chaos_flow(store_url: str, out: str) -> dict:
-    @resumable_task(store=store_url, name="write")
+    # A new process starts a new flow run: the stage is named so that it resumes across runs.
+    @resumable_task(store=store_url, name="write", key="chaos/write")
     def write(stage) -> dict:
         for u in stage.pending(range(6)):
             with open(out, "a") as f:

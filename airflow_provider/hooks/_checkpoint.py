@@ -12,6 +12,8 @@ from urllib.parse import urlsplit
 from airflow.sdk import BaseHook
 
 from faultkit import CheckpointStore, StoreConfigError
+from faultkit._alerts import alert_urls
+from faultkit._resumable import store_for
 
 from .._provider_info import ALERT_URLS_FIELD
 
@@ -177,9 +179,7 @@ class CheckpointHook(BaseHook):
                     ALERT_URLS_FIELD,
                     _LEGACY_ALERT_URLS_FIELD,
                 )
-        alerts = alerts or []
-        if isinstance(alerts, str):
-            alerts = [u.strip() for u in alerts.replace("\n", ",").split(",") if u.strip()]
+        alerts = alert_urls(alerts or None)
         for u in alerts:
             for secret in _url_credentials(u):
                 mask_secret(secret)
@@ -195,7 +195,7 @@ class CheckpointHook(BaseHook):
     def get_store(self) -> CheckpointStore:
         """The :class:`~faultkit.CheckpointStore` this connection names."""
         s = self.settings()
-        return CheckpointStore(s.store_url, **s.storage_options)
+        return store_for(s.store_url, s.storage_options)
 
     def get_conn(self) -> CheckpointStore:
         """Same as :meth:`get_store` (the name Airflow hooks use)."""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -12,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from airflow.providers.standard.operators.python import PythonOperator
 
 from faultkit import CheckpointStore, Event, Stage, subscribe
+from faultkit import _resumable as resumable
 
 from .._common import POINTER, incident_event, log, resolve_store, ti_stage_key
 
@@ -106,14 +106,6 @@ def apply_retry(
     return out
 
 
-def _accepts_stage(fn: Callable[..., Any]) -> bool:
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return True  # a builtin or C callable: let the call decide
-    return any(p.name == "stage" or p.kind is p.VAR_KEYWORD for p in params)
-
-
 class ResumablePythonOperator(PythonOperator):
     """Runs ``python_callable(..., stage=stage)`` so a retry resumes where the last try stopped.
 
@@ -161,7 +153,7 @@ class ResumablePythonOperator(PythonOperator):
                 "already names a store"
             )
         super().__init__(python_callable=python_callable, **apply_retry(retry, kwargs, keep=False))
-        if not _accepts_stage(python_callable):
+        if not resumable.accepts_stage(python_callable):
             raise TypeError(
                 f"{getattr(python_callable, '__name__', python_callable)!r} has no 'stage' "
                 "parameter; add one (def fn(..., stage): ...) to receive the faultkit stage"
@@ -225,7 +217,7 @@ class ResumablePythonOperator(PythonOperator):
             if isinstance(prev, dict) and prev.get("error")
             else "stopped without reporting (its process or worker was lost)"
         )
-        alerter.send(
+        alerter.post(
             incident_event(
                 dag_id=ti.dag_id,
                 run_id=ti.run_id,
@@ -248,38 +240,55 @@ class ResumablePythonOperator(PythonOperator):
         key = ti_stage_key(ti)
         store = self.get_store()
         tss = context.get("task_state_store")
-        pointer = _Pointer(
-            tss,
-            {"key": key, "try_number": ti.try_number},
-            self.progress_interval,
-        )
-        stage = _TrackedStage(store, key, pointer)
-        stage.claim()
+        pointer = _Pointer(tss, {"key": key, "try_number": ti.try_number}, self.progress_interval)
         alerter = self._alerter(store)
-        if alerter is not None and stage.resumed:
-            self._report_previous_try(stage, ti, tss, alerter)
+        stages: list[Stage] = []
+
+        def on_stage(stage: Stage) -> None:
+            stages.append(stage)
+            if alerter is not None and stage.resumed:
+                self._report_previous_try(stage, ti, tss, alerter)
+            self.log.info(
+                "faultkit stage %s: epoch %d%s",
+                key,
+                stage.epoch,
+                f", resuming ({dict(stage.resume_info)})" if stage.resumed else "",
+            )
+
+        def body(*, stage: Stage) -> Any:
+            self.op_kwargs = {**self.op_kwargs, "stage": stage}
+            return PythonOperator.execute(self, context)
+
         unsubscribe = None
         if alerter is not None:
 
             def forward(event: Event) -> None:
                 if event.kind in _FORWARD and event.key == key:
-                    alerter.send(event)
+                    alerter.post(event)
 
             unsubscribe = subscribe(forward)
-        self.log.info(
-            "faultkit stage %s: epoch %d%s",
-            key,
-            stage.epoch,
-            f", resuming ({dict(stage.resume_info)})" if stage.resumed else "",
-        )
-        self.op_kwargs = {**self.op_kwargs, "stage": stage}
         try:
-            result = super().execute(context)
+            result = resumable.call(
+                body,
+                store=store,
+                key=key,
+                on_stage=on_stage,
+                make_stage=lambda st, k: _TrackedStage(st, k, pointer),
+                logger=self.log,
+            )
         except BaseException as exc:
-            pointer.finish(stage, "failed", error=type(exc).__name__)
+            if stages:
+                pointer.finish(stages[0], "failed", error=type(exc).__name__)
             raise
         finally:
             if unsubscribe is not None:
                 unsubscribe()
-        pointer.finish(stage, "done")
+            if alerter is not None:  # sent in the background; delivered before the try ends
+                alerter.flush(30.0)
+        if stages:
+            pointer.finish(stages[0], "done")
+        else:
+            self.log.info(
+                "faultkit stage %s finished in an earlier try; its result is returned", key
+            )
         return result

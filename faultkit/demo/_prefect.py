@@ -546,7 +546,9 @@ def _run_stage(
     result = ""
     if name == "train":
         (key,) = store.keys(store_prefix)
-        result = store.finished(key)[1]
+        from .._resumable import recorded
+
+        result = recorded(store, key)[1]
     return out, result
 
 
