@@ -263,7 +263,10 @@ def cmd_gc(store: CheckpointStore, a: argparse.Namespace, out: Console) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="faultkit", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="faultkit",
+        description=__doc__.split("\n\n")[0].replace("``", ""),  # RST marks are noise here
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def store_cmd(name: str, help_: str) -> argparse.ArgumentParser:

@@ -100,3 +100,15 @@ def test_gc_older_than_deletes_old_finished_stages_only(tmp_path):
     assert json.loads(r.stdout) == {"deleted": ["old/done"]}
     assert store.keys() == ["new/done", "old/running"]
     assert _cli("gc", url, "--older-than", "soon").returncode == 2
+
+
+@pytest.mark.parametrize("cmd", [[], ["ls"], ["show"], ["verify"], ["gc"], ["demo"]])
+def test_help_is_plain_text_and_names_every_argument(cmd):
+    """--help shows no RST markup, and every positional argument has help text."""
+    r = _cli(*cmd, "--help")
+    text = " ".join(r.stdout.split())
+    assert r.returncode == 0 and "``" not in text
+    if cmd and cmd[0] in ("ls", "show", "verify", "gc"):
+        assert "STORE_URL" in text and "never created by this command" in text
+    if cmd and cmd[0] in ("show", "verify", "gc"):
+        assert "faultkit.key" in text
