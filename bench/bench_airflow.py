@@ -71,7 +71,7 @@ def _quiet() -> None:
 
 def main(tasks: int = 20, repeats: int = 3) -> dict[str, Any]:
     """Run both DAGs ``repeats`` times (after a warm-up) and print the overhead ratio."""
-    from faultkit.demo._airflow import local_airflow
+    from faultkit.testing import local_airflow
 
     with tempfile.TemporaryDirectory(prefix="faultkit-bench-airflow-") as tmp:
         root = Path(tmp)

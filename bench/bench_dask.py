@@ -2,7 +2,7 @@
 
 1. 5,000 tiny tasks on a LocalCluster with two worker processes: ``client.map(fn)`` against
    ``client.map(resumable(fn))`` on ``memory://`` (each worker process has its own) and on
-   ``file://``. Target: memory ratio <= 1.10.
+   ``file://``. Targets: ``file://`` (a store that can resume) <= 1.25, ``memory://`` <= 1.05.
 2. SIGKILL the worker running a task; seconds until the task runs again on the other worker,
    plain against resumable (the start of ``fn``, after the stage is claimed). Target:
    resumable <= plain + 0.5 s.
@@ -153,8 +153,8 @@ def main() -> dict[str, Any]:
     res["reschedule_extra_s"] = round(res["reschedule_resumable_s"] - res["reschedule_plain_s"], 3)
     print(
         f"   {n} tiny tasks: plain {res['plain_s']} s, resumable memory:// "
-        f"{res['resumable_memory_s']} s (x{res['ratio_memory']}, target <= 1.10), "
-        f"file:// {res['resumable_file_s']} s (x{res['ratio_file']})"
+        f"{res['resumable_memory_s']} s (x{res['ratio_memory']}, target <= 1.05), "
+        f"file:// {res['resumable_file_s']} s (x{res['ratio_file']}, target <= 1.25)"
     )
     print(
         f"   SIGKILL -> running again: plain {res['reschedule_plain_s']} s, resumable "

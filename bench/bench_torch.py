@@ -6,8 +6,10 @@ state, on a ``file://`` store in a temp folder. Prints and returns:
 * ``sync_save_ratio``: (torch.save to a new file + fsync + rename) time / ``save(wait=True)``
   time (>= 1: faster). Both write a new file each time: overwriting a file in place would
   reuse its pages, which neither an atomic torch.save nor a snapshot can;
-* ``restore_ratio``: (torch.load + load_state_dict) time / ``restore()`` time, each in a
-  fresh process (a restore follows a restart);
+* ``restore_ratio``: (torch.load + load_state_dict + the first step) time / (``restore()``
+  + the first step) time, each in a fresh process (a restore follows a restart);
+
+Save and restore run in ABBA order; each ratio is the median, with the range over pairs.
 * ``async_pause_ratio``: training-loop pause of an async save / sync save time (<= 0.15);
 * ``steady_ratio``: steps/s with a save every ``every_seconds`` / steps/s without.
 
@@ -82,12 +84,17 @@ def _torch_load(model: torch.nn.Module, opt: torch.optim.Optimizer, path: str) -
 
 
 def _child_restore(kind: str, root: str, path: str) -> None:
-    """In a fresh process: build the model, then time one restore of ``kind``; prints s."""
+    """In a fresh process: build the model, then time one restore of ``kind`` together with
+    the first training step after it (a mapped restore moves page copies into that step);
+    prints seconds."""
     torch.set_num_threads(1)
     model, opt = _model()
     _step(model, opt)
     if kind == "torch.load":
-        print(_torch_load(model, opt, path))
+        t0 = time.perf_counter()
+        _torch_load(model, opt, path)
+        _step(model, opt)
+        print(time.perf_counter() - t0)
         return
     store = CheckpointStore(f"file://{root}/store")
     with store.stage("bench/torch") as stage:
@@ -96,6 +103,7 @@ def _child_restore(kind: str, root: str, path: str) -> None:
         )
         t0 = time.perf_counter()
         ckpt.restore()
+        _step(model, opt)
         print(time.perf_counter() - t0)
         ckpt.close()
 
@@ -129,7 +137,7 @@ def _rate(
     return steps / (time.perf_counter() - t0), steps, saves
 
 
-def main(steady_seconds: float = 20.0, repeat: int = 5, restore_repeat: int = 2) -> dict[str, Any]:
+def main(steady_seconds: float = 20.0, repeat: int = 6, restore_repeat: int = 4) -> dict[str, Any]:
     """Run every measurement; returns the ratios and the raw timings (seconds)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -149,19 +157,25 @@ def main(steady_seconds: float = 20.0, repeat: int = 5, restore_repeat: int = 2)
             }
             sync = TrainingCheckpointer(stage, every_steps=10**9, async_save=False, **kw)
             base_save, our_save, base_load, our_load = [], [], [], []
-            for i in range(repeat):
-                base_save.append(_torch_save(model, opt, path))
-                t0 = time.perf_counter()
-                sync.save(i, wait=True)
-                our_save.append(time.perf_counter() - t0)
-                sync.wait()  # retention runs in the background; not part of the save
+            for i in range(repeat):  # ABBA: each side goes first in turn
+                for side in ("base", "ours") if i % 2 == 0 else ("ours", "base"):
+                    if side == "base":
+                        base_save.append(_torch_save(model, opt, path))
+                        continue
+                    t0 = time.perf_counter()
+                    sync.save(i, wait=True)
+                    our_save.append(time.perf_counter() - t0)
+                    sync.wait()  # retention runs in the background; not part of the save
             sync.close()
         # Each restore in a fresh process, as after a crash: in one process a repeated load
         # would reuse memory freed by the previous one, which a restart never can. (Each
         # claims the stage, as a restarted attempt does.)
-        for _ in range(restore_repeat):
-            base_load.append(_restore_in_child("torch.load", root, path))
-            our_load.append(_restore_in_child("restore", root, path))
+        for i in range(restore_repeat):
+            for side in ("base", "ours") if i % 2 == 0 else ("ours", "base"):
+                if side == "base":
+                    base_load.append(_restore_in_child("torch.load", root, path))
+                else:
+                    our_load.append(_restore_in_child("restore", root, path))
         with store.stage("bench/torch") as stage:
             asyn = TrainingCheckpointer(stage, every_steps=10**9, async_save=True, **kw)
             pauses = []
@@ -182,14 +196,21 @@ def main(steady_seconds: float = 20.0, repeat: int = 5, restore_repeat: int = 2)
             steady.close()
             off2, n2, _ = _rate(model, opt, steady_seconds / 2, None, 0)
         med = statistics.median
+
+        def spread(base: list[float], ours: list[float]) -> list[float]:
+            ratios = [b / o for b, o in zip(base, ours, strict=True)]
+            return [min(ratios), max(ratios)]
+
         out = {
             "state_mb": round(size / 1e6, 1),
             "torch_save_fsync_s": med(base_save),
             "sync_save_s": med(our_save),
             "sync_save_ratio": med(base_save) / med(our_save),
+            "sync_save_ratio_range": spread(base_save, our_save),
             "torch_load_s": med(base_load),
             "restore_s": med(our_load),
             "restore_ratio": med(base_load) / med(our_load),
+            "restore_ratio_range": spread(base_load, our_load),
             "async_pause_s": med(pauses[1:]),
             "async_first_pause_s": pauses[0],
             "async_pause_ratio": med(pauses[1:]) / med(our_save),
@@ -205,11 +226,14 @@ def main(steady_seconds: float = 20.0, repeat: int = 5, restore_repeat: int = 2)
     print(f"state: {out['state_mb']} MB (parameters + AdamW state), file:// store, 1 torch thread")
     print(
         f"sync save   {out['sync_save_s']:.3f} s vs torch.save+fsync+rename "
-        f"{out['torch_save_fsync_s']:.3f} s  ratio {out['sync_save_ratio']:.2f}x (>= 1.0)"
+        f"{out['torch_save_fsync_s']:.3f} s  ratio {out['sync_save_ratio']:.2f}x "
+        f"(range {out['sync_save_ratio_range'][0]:.2f}-{out['sync_save_ratio_range'][1]:.2f}; "
+        ">= 1.0)"
     )
     print(
-        f"restore     {out['restore_s']:.3f} s vs torch.load+load_state_dict "
-        f"{out['torch_load_s']:.3f} s  ratio {out['restore_ratio']:.2f}x (>= 1.0)"
+        f"restore+1st step {out['restore_s']:.3f} s vs torch.load+load_state_dict+1st step "
+        f"{out['torch_load_s']:.3f} s  ratio {out['restore_ratio']:.2f}x "
+        f"(range {out['restore_ratio_range'][0]:.2f}-{out['restore_ratio_range'][1]:.2f}; >= 1.0)"
     )
     print(
         f"async pause {out['async_pause_s']:.3f} s (first {out['async_first_pause_s']:.3f} s) "

@@ -20,8 +20,7 @@ from types import SimpleNamespace
 import pytest
 
 from faultkit import CheckpointStore
-from faultkit.demo._airflow import kill_task_process
-from faultkit.testing import AlertReceiver, wait_until
+from faultkit.testing import AlertReceiver, kill_task_process, wait_until
 
 psutil = pytest.importorskip("psutil")
 if importlib.util.find_spec("airflow.sdk") is None:
@@ -104,7 +103,7 @@ with DAG("fk_templated", schedule=None, start_date=datetime(2024, 1, 1), catchup
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory):
     """Migrate a DB and start scheduler, API server and DAG processor once for the module."""
-    from faultkit.demo._airflow import airflow_env
+    from faultkit.testing import airflow_env
 
     home = tmp_path_factory.mktemp("airflow")
     dags = home / "dags"  # the example DAGs as shipped, plus one that logs secrets by mistake

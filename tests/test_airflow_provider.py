@@ -162,7 +162,7 @@ def receiver():
 @pytest.fixture(scope="module")
 def airflow_home(tmp_path_factory, receiver):
     """A migrated SQLite metadata DB, the example DAGs and the test DAGs in one dags folder."""
-    from faultkit.demo._airflow import local_airflow
+    from faultkit.testing import local_airflow
 
     root = tmp_path_factory.mktemp("airflow-unit")
     dags = root / "dags"

@@ -26,9 +26,9 @@ from dask_plugins import (
 )
 from faultkit import CheckpointStore, RetryPolicy, chaos
 from faultkit.demo import check_sink, etl_partition
-from faultkit.demo._dask import kill_worker_running, run_etl_on_dask, run_train_on_dask
+from faultkit.demo._dask import run_etl_on_dask, run_train_on_dask
 from faultkit.demo._jobs import journal_count, table_digest
-from faultkit.testing import AlertReceiver, wait_until
+from faultkit.testing import AlertReceiver, kill_worker_running, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -22,8 +22,7 @@ from dask_plugins import (
     stage_key,
 )
 from faultkit import CheckpointStore
-from faultkit.demo._dask import kill_worker_running
-from faultkit.testing import free_port, wait_until
+from faultkit.testing import free_port, kill_worker_running, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -60,7 +60,7 @@ def _servers_of(home: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def real_server(tmp_path_factory):
     """``prefect server start`` on a free loopback port (SQLite, temp home)."""
-    from faultkit.demo._prefect import PrefectStack
+    from faultkit.testing import PrefectStack
 
     stack = PrefectStack(store_url="memory://unused", workdir=tmp_path_factory.mktemp("server"))
     try:

@@ -8,8 +8,7 @@ pytest.importorskip("prefect")
 
 from faultkit import CheckpointStore, RetryPolicy, demo
 from faultkit._resumable import recorded
-from faultkit.demo._prefect import PrefectStack, units_done
-from faultkit.testing import AlertReceiver, wait_until
+from faultkit.testing import AlertReceiver, PrefectStack, units_done, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 

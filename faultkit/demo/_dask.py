@@ -1,7 +1,7 @@
 """The demo pipeline on Dask: ETL partitions and the training stage as resumable tasks.
 
-Workers are real processes; :func:`kill_worker_running` SIGKILLs the one executing a task,
-the scheduler reschedules the task and it resumes from its stage.
+Workers are real processes; :func:`faultkit.testing.kill_worker_running` SIGKILLs the one
+executing a task, the scheduler reschedules the task and it resumes from its stage.
 """
 
 from __future__ import annotations
@@ -9,19 +9,18 @@ from __future__ import annotations
 import logging
 import os
 import random
-import signal
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from .._events import Event
+from ..testing._dask import kill_worker_running
 from ._etl import etl_partition
 from ._jobs import append_journal, journal_count
 from ._model import DemoConfig, StageOutcome
 
 __all__ = [
     "etl_task",
-    "kill_worker_running",
     "run_demo",
     "run_etl_on_dask",
     "run_train_on_dask",
@@ -136,43 +135,6 @@ def run_train_on_dask(
         key=f"train-{run_id}",
     )
     return fut.result() if wait else fut
-
-
-def _whoami() -> tuple[int, list[Any]]:
-    from dask_plugins import running_tasks
-
-    return os.getpid(), running_tasks()
-
-
-def kill_worker_running(
-    client: Any,
-    keys: str | Iterable[str] | None = None,
-    *,
-    sig: int = signal.SIGKILL,
-    timeout: float = 60.0,
-) -> tuple[str, int, Any]:
-    """Send ``sig`` to the worker process executing one of ``keys`` (any resumable task if None).
-
-    Returns:
-        ``(worker address, pid, task key)`` of the process that was signalled.
-
-    Raises:
-        TimeoutError: no worker ran such a task within ``timeout`` seconds.
-    """
-    wanted = {keys} if isinstance(keys, str) else (set(keys) if keys is not None else None)
-    deadline = time.monotonic() + timeout
-    while True:
-        for addr, (pid, running) in client.run(_whoami, on_error="ignore").items():
-            hit = [k for k in running if wanted is None or k in wanted]
-            if hit:
-                os.kill(pid, sig)
-                return addr, pid, hit[0]
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"no worker executed any of {sorted(wanted) if wanted else 'the tasks'} within "
-                f"{timeout} s; check that the tasks are resumable and still running"
-            )
-        time.sleep(0.05)
 
 
 def _kills(

@@ -1,16 +1,50 @@
-"""Real local components for tests and demos: an alert receiver, S3 and PostgreSQL servers."""
+"""Real local components for tests, demos and benchmarks: an alert receiver, S3 (SeaweedFS,
+moto) and PostgreSQL servers, a local Airflow deployment, a Prefect stack, and a way to kill
+the Dask worker running a task.
+
+Importing this package imports no orchestrator: the Airflow, Prefect and Dask helpers load
+their module (and framework) on first use.
+"""
 
 from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
 
 from ._receiver import AlertReceiver
 from ._seaweed import SeaweedS3Server
 from ._services import MotoS3Server, PostgresServer, free_port, wait_until
 
 __all__ = [
+    "AirflowEnv",
     "AlertReceiver",
     "MotoS3Server",
     "PostgresServer",
+    "PrefectStack",
     "SeaweedS3Server",
+    "airflow_env",
+    "flows_dir",
     "free_port",
+    "kill_task_process",
+    "kill_worker_running",
+    "local_airflow",
+    "units_done",
     "wait_until",
 ]
+
+_LAZY = {
+    "AirflowEnv": "._airflow",
+    "airflow_env": "._airflow",
+    "kill_task_process": "._airflow",
+    "local_airflow": "._airflow",
+    "PrefectStack": "._prefect",
+    "flows_dir": "._prefect",
+    "units_done": "._prefect",
+    "kill_worker_running": "._dask",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
