@@ -11,7 +11,7 @@ from typing import Any
 from ._events import Event
 from ._store import CheckpointStore
 
-__all__ = ["incident", "kept", "lost", "progress"]
+__all__ = ["incident", "kept", "lost", "progress", "progress_under"]
 
 log = logging.getLogger("faultkit.alerts")
 
@@ -38,6 +38,30 @@ def progress(store: CheckpointStore | None, key: str, now: float | None = None) 
         "seconds_since_last_commit": round(max(0.0, now - view.last_commit), 3)
         if view.last_commit
         else None,
+    }
+
+
+def progress_under(store: CheckpointStore | None, prefix: str) -> dict[str, Any]:
+    """:func:`progress` summed over every stage under ``prefix`` (a whole run): units done
+    added up, the newest step, the most recent commit; {} when none can be read."""
+    if store is None:
+        return {}
+    now = time.time()
+    try:
+        parts = [progress(store, k, now) for k in store.keys(prefix)]
+    except Exception as exc:
+        log.warning("could not list the stages under %s: %s", prefix, type(exc).__name__)
+        return {}
+    parts = [p for p in parts if p]
+    if not parts:
+        return {}
+    steps = [p["last_step"] for p in parts if p.get("last_step") is not None]
+    secs = [p["seconds_since_last_commit"] for p in parts if p.get("seconds_since_last_commit")]
+    return {
+        "stages": len(parts),
+        "units_done": sum(p["units_done"] for p in parts),
+        "last_step": max(steps) if steps else None,
+        "seconds_since_last_commit": min(secs) if secs else None,
     }
 
 

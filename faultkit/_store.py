@@ -139,7 +139,13 @@ class CheckpointStore:
         Found by walking the store's folders, so no stage is ever invisible to it.
         """
         out: list[str] = []
-        todo = [""]
+        # Start below the folders the prefix names whole (prefect/etl/ -> "prefect/etl").
+        start = "/".join(prefix.split("/")[:-1]) if "/" in prefix else ""
+        try:
+            start = check_key(start) if start else ""
+        except InvalidKeyError:  # not a key's folder: walk everything and filter
+            start = ""
+        todo = [start]
         while todo:
             folder = todo.pop()
             subs = self._storage.subdirs(folder)

@@ -1,6 +1,7 @@
 """State hooks that turn Prefect run states into faultkit alerts.
 
-Every alert about a flow run uses the key ``prefect/flow-run/<id>`` and a dedupe key that the
+Every alert about a flow run uses the key ``prefect/<flow>/<flow run id>`` (the prefix of the
+run's stage keys) and a dedupe key that the
 different senders compute the same way, so the ``Alerter``'s store delivers it once: a lost
 worker is reported by the runner's ``on_crashed`` hook *and* by the re-run's ``on_running``
 hook (the only one left when the runner died too), and the receiver sees one alert.
@@ -11,6 +12,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from typing import Any
+
+from faultkit._incident import incident, progress_under
 
 from ._ephemeral import guard as _guard_server
 from ._refs import AlertRef, PolicyRef, StoreRef
@@ -39,10 +42,20 @@ def crash_budget(policy: Any) -> int:
     return ref.get().budget(INFRASTRUCTURE)
 
 
-def _flow_run_key(flow_run: Any) -> str:
+def _flow_run_key(flow_name: str, flow_run: Any) -> str:
+    """The flow run's place in the store: its stages' keys start with it."""
     from faultkit import key
 
-    return key("prefect", "flow-run", str(flow_run.id))
+    return key("prefect", flow_name, str(flow_run.id))
+
+
+def _store(ref: AlertRef) -> Any:
+    """The store the alerts deduplicate through (also where the run's stages are), or None."""
+    try:
+        return ref.store.get() if ref.store is not None else None
+    except Exception:  # the alert must still go out
+        log.warning("could not open the store to report the run's progress")
+        return None
 
 
 def _history(flow_run_id: Any) -> tuple[int, list[Any]]:
@@ -117,7 +130,7 @@ def alert_hooks(
                 ref,
                 Event(
                     "gave_up",
-                    _flow_run_key(flow_run),
+                    _flow_run_key(flow.name, flow_run),
                     f"flow run {flow_run.name!r} of {flow.name!r} crashed on run {run_count} of "
                     f"{budget}; no runs are left, so it stays Crashed. Re-run it by hand: "
                     "finished work is skipped.",
@@ -126,7 +139,7 @@ def alert_hooks(
                 ),
             )
             return
-        _send(ref, _worker_lost(flow.name, flow_run, crashes, budget, details))
+        _send(ref, _worker_lost(flow.name, flow_run, crashes, budget, details, _store(ref)))
 
     def on_running(flow: Any, flow_run: Any, state: Any) -> None:
         _guard_server()
@@ -148,7 +161,10 @@ def alert_hooks(
             "budget": budget_of(),
             "state_message": settled[-1].message,
         }
-        _send(ref, _worker_lost(flow.name, flow_run, crashes, details["budget"], details))
+        _send(
+            ref,
+            _worker_lost(flow.name, flow_run, crashes, details["budget"], details, _store(ref)),
+        )
 
     def on_failure(flow: Any, flow_run: Any, state: Any) -> None:
         from faultkit import Event
@@ -157,7 +173,7 @@ def alert_hooks(
             ref,
             Event(
                 "gave_up",
-                _flow_run_key(flow_run),
+                _flow_run_key(flow.name, flow_run),
                 f"flow run {flow_run.name!r} of {flow.name!r} failed: "
                 f"{getattr(state, 'message', '')}",
                 {"flow": flow.name, "flow_run": str(flow_run.id), "flow_run_name": flow_run.name},
@@ -168,17 +184,25 @@ def alert_hooks(
     return {"on_crashed": [on_crashed], "on_running": [on_running], "on_failure": [on_failure]}
 
 
-def _worker_lost(flow_name: str, flow_run: Any, crashes: int, budget: int | None, details: Any):
-    from faultkit import Event
-
+def _worker_lost(
+    flow_name: str,
+    flow_run: Any,
+    crashes: int,
+    budget: int | None,
+    details: Any,
+    store: Any = None,
+) -> Any:
     left = "" if budget is None else f" (crash {crashes}; up to {budget} runs in all)"
-    return Event(
+    prefix = _flow_run_key(flow_name, flow_run)
+    return incident(
         "worker_lost",
-        _flow_run_key(flow_run),
-        f"flow run {flow_run.name!r} of {flow_name!r} lost its worker and crashed{left}; "
-        "it is re-run and resumes from its checkpoints, redoing only unfinished units",
-        details,
+        prefix,
+        subject=f"flow run {flow_run.name!r} of {flow_name!r}",
+        cause=f"lost its worker and crashed{left}",
+        next_step="it is re-run and resumes from its checkpoints; finished units are not redone",
+        progress_now=progress_under(store, prefix),
         dedupe_key=f"crash-{crashes}",
+        details=details,
     )
 
 

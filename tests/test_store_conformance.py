@@ -309,3 +309,14 @@ def test_store_options_are_checked(tmp_path, caplog):
         CheckpointStore(f"file://{tmp_path}/a", endpoint_url="http://x")
         CheckpointStore("memory://x", fsync=False)
     assert "['endpoint_url']" in caplog.text and "['fsync']" in caplog.text
+
+
+def test_keys_under_a_prefix_walk_only_that_folder(store):
+    """keys(prefix) finds every stage under a prefix, whether or not it ends at a '/'."""
+    for k in ("a/b/c", "a/b/d", "a/bc/e", "a/x", "b"):
+        with store.stage(k) as st:
+            st.done(0)
+    assert store.keys("a/b/") == ["a/b/c", "a/b/d"]
+    assert store.keys("a/b") == ["a/b/c", "a/b/d", "a/bc/e"]
+    assert store.keys("a/") == ["a/b/c", "a/b/d", "a/bc/e", "a/x"]
+    assert store.keys("no such/") == []
