@@ -15,6 +15,7 @@ from ._errors import (
     SinkInputError,
     StaleAttemptError,
     StoreConfigError,
+    StoreUnavailableError,
     UnsafeCheckpointError,
 )
 from ._events import Event, subscribe
@@ -41,6 +42,7 @@ __all__ = [
     "Stage",
     "StaleAttemptError",
     "StoreConfigError",
+    "StoreUnavailableError",
     "UnsafeCheckpointError",
     "classify",
     "key",

@@ -38,6 +38,7 @@ _INFRA_NAMES = frozenset(
         "PodPreempted",
         "Preempted",
         "SpotInterruption",
+        "StoreUnavailableError",  # faultkit: the store did not answer (partition, timeout)
     }
 )
 

@@ -10,6 +10,7 @@ The tree::
     ├── LinkRefusedError (OSError)     a symbolic link inside a store, never followed
     ├── CheckpointWriteError (OSError) the storage refused a write (disk full, permissions, ...)
     │   └── SinkBusyError (TimeoutError)  a sink's lock was not obtained within its lock wait
+    ├── StoreUnavailableError (ConnectionError)  the store did not answer (network, timeout)
     ├── StoreConfigError (ValueError)  a store URL or option that cannot work
     │   └── SinkInputError             rows or data a sink cannot write
     └── AlertConfigError (ValueError)  an alert channel URL that cannot work
@@ -33,6 +34,7 @@ __all__ = [
     "SinkInputError",
     "StaleAttemptError",
     "StoreConfigError",
+    "StoreUnavailableError",
     "UnsafeCheckpointError",
 ]
 
@@ -71,6 +73,14 @@ class UnsafeCheckpointError(FaultkitError):
 
 class CheckpointWriteError(FaultkitError, OSError):
     """The storage refused a write; the previous state is intact."""
+
+
+class StoreUnavailableError(FaultkitError, ConnectionError):
+    """The store did not answer: the connection failed or timed out (a partition, a server
+    down). Nothing committed is lost. A read can simply be retried; a write that timed out
+    may or may not have landed, and retrying it is safe: a unit already recorded is not
+    recorded twice, a claim or snapshot that landed is superseded. Retry policies count it
+    as an infrastructure failure."""
 
 
 class StoreConfigError(FaultkitError, ValueError):

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from typing import IO, Any, NoReturn
 from urllib.parse import urlsplit
 
-from ._errors import StoreConfigError
+from ._errors import StoreConfigError, StoreUnavailableError
 from ._storage import ObjectInfo, Storage, check_rel, redact_url, write_error
 
 __all__ = ["FsspecStorage", "open_s3"]
@@ -67,6 +67,30 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # pragma: no cover - s3fs always brings botocore
         return (OSError,)
     return (OSError, BotoCoreError)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """True if ``exc`` (or what it wraps) says the server never answered: a refused or
+    broken connection, or a timeout, as opposed to an answer that refused the request."""
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+    except ImportError:  # pragma: no cover - s3fs always brings botocore
+        transport: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError)
+    else:
+        transport = (ConnectionError, TimeoutError, BotoConnectionError, HTTPClientError)
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, transport) or type(e).__name__ in {
+            "ClientConnectionError",
+            "ServerDisconnectedError",
+            "ServerTimeoutError",
+        }:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _seq_window(names: list[str]) -> tuple[str, int] | None:
@@ -118,6 +142,14 @@ class FsspecStorage(Storage):
             return self._credentials_error(code)
         return write_error(path, exc, self.url)
 
+    def _unavailable(self, what: str, exc: BaseException) -> StoreUnavailableError:
+        return StoreUnavailableError(
+            f"the store {redact_url(self.url)!r} did not answer while {what} "
+            f"({type(exc).__name__}: {exc}). Nothing committed is lost; a write that timed "
+            "out may have landed, and retrying it is safe. Check the network path to the S3 "
+            "endpoint (or raise config_kwargs connect_timeout/read_timeout), then retry."
+        )
+
     def _credentials_error(self, code: str) -> StoreConfigError:
         return StoreConfigError(
             f"the S3 server refused the credentials for {redact_url(self.url)!r} ({code}): "
@@ -135,10 +167,18 @@ class FsspecStorage(Storage):
             if code in _CREDENTIALS:
                 raise self._credentials_error(code) from exc
             raise
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            if _unreachable(exc):
+                raise self._unavailable("reading", exc) from exc
+            raise
 
     def _raise_write(self, path: str, exc: BaseException) -> NoReturn:
         if _taken(exc):
             raise FileExistsError(errno.EEXIST, "exists", path) from exc
+        if _unreachable(exc):
+            raise self._unavailable(f"writing {path!r}", exc) from exc
         raise self._write_error(path, exc) from exc
 
     def exists(self) -> bool:
@@ -353,6 +393,10 @@ _OPTION_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "max_concurrency": _INT,
     "max_paths": _INT,
     "listings_expiry_time": _NUM,
+    # s3fs's own retries of a timed-out or broken request (5 by default, with backoff): a
+    # class attribute that faultkit sets on the instance. retries=1 with short botocore
+    # timeouts surfaces a partition as StoreUnavailableError in seconds.
+    "retries": _INT,
 }
 _CLIENT_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
     "endpoint_url": _STR,
@@ -459,6 +503,27 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _drop_expect(params: dict[str, Any], **_: Any) -> None:
+    params.get("headers", {}).pop("Expect", None)
+
+
+def _send_bodies_at_once(fs: Any) -> None:
+    """Send request bodies without ``Expect: 100-continue``.
+
+    botocore asks for it on every PUT with a body; aiohttp then waits for the server's
+    "100 Continue" with no timeout at all (``connect_timeout``/``read_timeout`` do not
+    cover that wait), so a partition that drops packets mid-commit hangs the writer
+    forever instead of raising. Without the header the body follows at once and the read
+    timeout bounds the wait for the answer. Registered after botocore's own handler, on
+    the client and on its session (clients made later, per bucket region, copy it).
+    """
+    if getattr(fs, "asynchronous", False):
+        return  # an async caller owns the session; nothing to hook before it starts
+    fs.connect()
+    fs.s3.meta.events.register("before-call.s3", _drop_expect)
+    fs.session.register("before-call.s3", _drop_expect)
+
+
 def open_s3(rest: str, *, create: bool = True, **options: Any) -> FsspecStorage:
     """The storage of ``s3://<rest>`` (``rest`` is ``bucket/prefix``).
 
@@ -475,10 +540,19 @@ def open_s3(rest: str, *, create: bool = True, **options: Any) -> FsspecStorage:
         raise StoreConfigError(f"S3 URL 's3://{rest}' names no bucket: s3://bucket/prefix")
     bucket = bucket_prefix.split("/", 1)[0]
     opts = {"use_listings_cache": False, "skip_instance_cache": True, **check_options(options)}
+    retries = opts.pop("retries", None)
+    if retries is not None and retries < 1:
+        raise StoreConfigError(f"retries={retries!r}: s3fs makes at least one try; use 1 or more")
     try:
         fs = s3fs.S3FileSystem(**opts)
     except (TypeError, ValueError, KeyError) as exc:
         # s3fs's own checks ("Supply either key or username, not both", ...).
+        raise StoreConfigError(f"s3fs refused the options of 's3://{rest}': {exc}") from exc
+    if retries is not None:
+        fs.retries = retries
+    try:
+        _send_bodies_at_once(fs)
+    except (TypeError, ValueError, KeyError) as exc:
         raise StoreConfigError(f"s3fs refused the options of 's3://{rest}': {exc}") from exc
     storage = FsspecStorage(fs, bucket_prefix, f"s3://{bucket_prefix}")
     if not create and not storage.exists():

@@ -297,3 +297,61 @@ def test_emptied_folder_lists_nothing(s3_store_url):
     assert list(s.walk_files("staging")) == ["staging/f/b"]
     s.delete_tree("staging")
     assert list(s.walk_files("staging")) == []
+
+
+@pytest.mark.parametrize("retries", [0, -1, "2", True])
+def test_retries_option_is_checked(seaweed_s3, retries):
+    """retries= (s3fs's own retries of a failed request) must be an int of at least 1."""
+    with pytest.raises(StoreConfigError, match="retries"):
+        CheckpointStore("s3://fk-options/ck", retries=retries, **seaweed_s3.storage_options())
+
+
+def test_unreachable_store_is_a_retryable_error(seaweed_s3):
+    """A store whose endpoint does not answer fails a claim with StoreUnavailableError (a
+    ConnectionError that retry policies count as infrastructure), naming the store and
+    what to do, within the configured timeouts; nothing is mistaken for a config error."""
+    from faultkit import RetryPolicy, StoreUnavailableError, classify
+    from faultkit.testing import free_port
+
+    opts = seaweed_s3.storage_options()
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    store = CheckpointStore(
+        "s3://fk-unreachable/ck",
+        **{**opts, "client_kwargs": {**opts["client_kwargs"], "endpoint_url": endpoint}},
+        config_kwargs={"connect_timeout": 1, "read_timeout": 1, "retries": {"max_attempts": 1}},
+        retries=1,
+    )
+    calls = []
+
+    @RetryPolicy(on=StoreUnavailableError, attempts=2, wait_initial=0, wait_jitter=0)
+    def claim():
+        calls.append(1)
+        return store.stage(key("etl", "dag", "run", "load")).claim()
+
+    with pytest.raises(StoreUnavailableError) as info:
+        claim()
+    assert len(calls) == 2  # retried, as the policy said
+    assert isinstance(info.value, ConnectionError)
+    assert classify(info.value) == "infrastructure"
+    msg = str(info.value)
+    assert "s3://fk-unreachable/ck" in msg and "did not answer" in msg
+    assert "retrying it is safe" in msg and opts["secret"] not in msg
+
+
+def test_puts_do_not_wait_for_100_continue(s3_store_url):
+    """No request carries Expect: 100-continue: aiohttp waits for the server's "100
+    Continue" with no timeout, so a partition mid-commit would hang the writer for ever
+    (tests/cluster/test_store_host.py shows the bounded failure instead)."""
+    url, opts = s3_store_url
+    store = CheckpointStore(url, **opts)
+    sent = []
+    fs = store._storage.fs
+    fs.s3.meta.events.register(
+        "before-send.s3", lambda request, **_: sent.append((request.method, request.headers))
+    )
+    stage = store.stage(key("etl", "dag", "run", "load")).claim()
+    stage.done(1)
+    stage.save(b"x" * 1000, step=1)
+    puts = [h for m, h in sent if m == "PUT"]
+    assert len(puts) >= 3  # claim, done, snapshot data and record
+    assert all("Expect" not in h for h in puts), puts
