@@ -1,6 +1,6 @@
 """Real local components for tests, demos and benchmarks: an alert receiver, S3 (SeaweedFS,
-moto) and PostgreSQL servers, a local Airflow deployment, a Prefect stack, and a way to kill
-the Dask worker running a task.
+moto) and PostgreSQL servers, a local Airflow deployment, a Prefect stack, a way to kill
+the Dask worker running a task, and test hosts (network namespaces) to partition.
 
 Importing this package imports no orchestrator: the Airflow, Prefect and Dask helpers load
 their module (and framework) on first use.
@@ -11,6 +11,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import Any
 
+from ._netns import Host, Network, netns_unavailable
 from ._receiver import AlertReceiver
 from ._seaweed import SeaweedS3Server
 from ._services import MotoS3Server, PostgresServer, free_port, wait_until
@@ -18,7 +19,9 @@ from ._services import MotoS3Server, PostgresServer, free_port, wait_until
 __all__ = [
     "AirflowEnv",
     "AlertReceiver",
+    "Host",
     "MotoS3Server",
+    "Network",
     "PostgresServer",
     "PrefectStack",
     "SeaweedS3Server",
@@ -28,6 +31,7 @@ __all__ = [
     "kill_task_process",
     "kill_worker_running",
     "local_airflow",
+    "netns_unavailable",
     "units_done",
     "wait_until",
 ]

@@ -74,10 +74,14 @@ class SeaweedS3Server:
     secret_key = "faultkit-secret"
     region = "us-east-1"
 
-    def __init__(self, *, start_timeout: float = 60.0, stop_timeout: float = 3.0) -> None:
+    def __init__(
+        self, *, start_timeout: float = 60.0, stop_timeout: float = 3.0, host: Any = None
+    ) -> None:
         """Pick the ports; nothing starts before :meth:`start` (or ``with``).
 
         Args:
+            host: A :class:`~faultkit.testing.Host` (network namespace) to run the server
+                in, listening on the host's address; default: this machine's loopback.
             start_timeout: Seconds to wait for the S3 endpoint to answer a signed request.
             stop_timeout: Seconds to wait after SIGTERM before SIGKILL. The data is thrown
                 away, so a graceful stop buys nothing: the filer alone waits 15 s for its
@@ -95,6 +99,8 @@ class SeaweedS3Server:
         ) = _free_ports(8)
         self.start_timeout = start_timeout
         self.stop_timeout = stop_timeout
+        self.host = host
+        self.ip = host.ip if host is not None else "127.0.0.1"
         self.dir = ""
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -112,7 +118,7 @@ class SeaweedS3Server:
     @property
     def endpoint(self) -> str:
         """The S3 endpoint URL, e.g. ``http://127.0.0.1:41234``."""
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://{self.ip}:{self.port}"
 
     def storage_options(self) -> dict[str, Any]:
         """Keyword arguments for ``CheckpointStore("s3://bucket/prefix", **options)``."""
@@ -141,7 +147,21 @@ class SeaweedS3Server:
         """Create the bucket ``name`` (S3 bucket names have 3 to 63 characters)."""
         if not 3 <= len(name) <= 63:
             raise ValueError(f"S3 bucket names have 3 to 63 characters, not {name!r}")
+        if self.host is not None:
+            self._in_host("bucket", name)
+            return
         self._client().create_bucket(Bucket=name)
+
+    def _in_host(self, action: str, arg: str) -> None:
+        """Run :func:`_main` inside the server's host (its address is reachable only there)."""
+        got = self.host.run(
+            [sys.executable, "-m", __name__, action, self.endpoint, arg],
+            capture_output=True,
+            text=True,
+            timeout=self.start_timeout + 30,
+        )
+        if got.returncode != 0:
+            raise RuntimeError(f"{action} on {self.endpoint} failed: {got.stderr.strip()}")
 
     def _command(self, weed: str) -> list[str]:
         d = self.dir
@@ -149,8 +169,8 @@ class SeaweedS3Server:
             weed,
             "server",
             f"-dir={d}",
-            "-ip=127.0.0.1",
-            "-ip.bind=127.0.0.1",
+            f"-ip={self.ip}",
+            f"-ip.bind={self.ip}",
             f"-master.port={self._master}",
             f"-master.port.grpc={self._master_grpc}",
             "-master.telemetry=false",
@@ -216,8 +236,9 @@ class SeaweedS3Server:
         # a collection, and a test session makes hundreds of buckets.
         env = {**os.environ, "WEED_MASTER_VOLUME_GROWTH_COPY_1": "1"}
         with open(os.path.join(self.dir, "weed.log"), "wb") as log:
+            argv = self._command(find_weed() or "weed")
             self.proc = subprocess.Popen(
-                self._command(find_weed() or "weed"),
+                self.host.argv(argv) if self.host is not None else argv,
                 cwd=self.dir,  # no stray master.toml/security.toml from the caller's cwd
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -226,8 +247,11 @@ class SeaweedS3Server:
                 start_new_session=True,
             )
         try:
-            wait_until(self._answers, self.start_timeout, "the SeaweedFS S3 endpoint", 0.1)
-        except TimeoutError:
+            if self.host is not None:
+                self._in_host("wait", str(self.start_timeout))
+            else:
+                wait_until(self._answers, self.start_timeout, "the SeaweedFS S3 endpoint", 0.1)
+        except (TimeoutError, RuntimeError):
             tail = self.log_tail()
             self.stop()
             raise TimeoutError(
@@ -268,3 +292,27 @@ class SeaweedS3Server:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _main(argv: list[str]) -> int:
+    """``wait ENDPOINT SECONDS`` / ``bucket ENDPOINT NAME``, run inside a test host."""
+    action, endpoint, arg = argv
+    server = SeaweedS3Server()
+    server.ip, server.port = endpoint.rsplit("/", 1)[1].rsplit(":", 1)
+    if action == "bucket":
+        server._client().create_bucket(Bucket=arg)
+        return 0
+
+    def answers() -> bool:
+        try:
+            server._client().list_buckets()
+        except Exception:
+            return False
+        return True
+
+    wait_until(answers, float(arg), f"the SeaweedFS S3 endpoint {endpoint}", 0.1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main(sys.argv[1:]))
