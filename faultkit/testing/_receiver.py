@@ -19,8 +19,12 @@ class AlertReceiver:
     Use as a context manager, or call :meth:`start` / :meth:`stop`.
     """
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, *, host: Any = None) -> None:
+        """``host``: a :class:`~faultkit.testing.Host` whose processes send the alerts; the
+        receiver then listens on that host's address (this process keeps serving it)."""
         self._port = port
+        self.host = host
+        self._ip = host.ip if host is not None else "127.0.0.1"
         self._lock = threading.Lock()
         self.received: list[dict[str, Any]] = []
         self._fail = 0
@@ -54,7 +58,10 @@ class AlertReceiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", self._port), Handler)
+        def bind() -> ThreadingHTTPServer:
+            return ThreadingHTTPServer((self._ip, self._port), Handler)
+
+        self._server = self.host.call(bind) if self.host is not None else bind()
         self._port = self._server.server_address[1]
         threading.Thread(target=self._server.serve_forever, daemon=True).start()
         return self
@@ -77,7 +84,7 @@ class AlertReceiver:
 
     def url(self, scheme: str = "json", path: str = "hook") -> str:
         """An Apprise URL for this receiver (``json://``, ``form://`` or ``xml://``)."""
-        return f"{scheme}://127.0.0.1:{self._port}/{path}"
+        return f"{scheme}://{self._ip}:{self._port}/{path}"
 
     def fail_next(self, n: int) -> None:
         """Answer the next ``n`` requests with HTTP 503."""

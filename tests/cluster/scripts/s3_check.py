@@ -26,6 +26,7 @@ names = sorted(storage.list(f"{key}/@log"))
 kinds: Counter[str] = Counter()
 done: Counter[str] = Counter()
 corrupt = []
+log = []  # [seq, type, epoch] of every readable record
 for name in names:
     try:
         body = decode(storage.read(f"{key}/@log/{name}"))
@@ -33,6 +34,7 @@ for name in names:
         corrupt.append(f"{name}: {exc}")
         continue
     kinds[body["t"]] += 1
+    log.append([int(name), body["t"], body.get("e")])
     if body["t"] == "done":
         done[str(body["u"])] += 1
 view = store.read_view(key)
@@ -42,6 +44,7 @@ print(
     json.dumps(
         {
             "records": len(names),
+            "log": log,
             "kinds": dict(kinds),
             "done": dict(done),
             "corrupt": corrupt,
