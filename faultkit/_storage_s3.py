@@ -545,15 +545,12 @@ def open_s3(rest: str, *, create: bool = True, **options: Any) -> FsspecStorage:
         raise StoreConfigError(f"retries={retries!r}: s3fs makes at least one try; use 1 or more")
     try:
         fs = s3fs.S3FileSystem(**opts)
+        _send_bodies_at_once(fs)  # makes the client: botocore checks its options here
     except (TypeError, ValueError, KeyError) as exc:
         # s3fs's own checks ("Supply either key or username, not both", ...).
         raise StoreConfigError(f"s3fs refused the options of 's3://{rest}': {exc}") from exc
     if retries is not None:
         fs.retries = retries
-    try:
-        _send_bodies_at_once(fs)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise StoreConfigError(f"s3fs refused the options of 's3://{rest}': {exc}") from exc
     storage = FsspecStorage(fs, bucket_prefix, f"s3://{bucket_prefix}")
     if not create and not storage.exists():
         raise StoreConfigError(

@@ -39,6 +39,16 @@ def _events(path: Path) -> list[list[str]]:
     return [ln.split() for ln in text.splitlines() if ln.strip()]
 
 
+def _wait_for_rerun(events: Path, away_from) -> None:
+    """Wait until the task started again on a host other than ``away_from``."""
+    wait_until(
+        lambda: any(e[0] == "START" and e[1] != away_from.name for e in _events(events)),
+        120,
+        "the task to run again on another host",
+        0.05,
+    )
+
+
 def _check(store_host, s3, key, env) -> dict:
     got = store_host.run(
         [sys.executable, str(SCRIPTS / "s3_check.py"), s3.endpoint, BUCKET, key],
@@ -124,12 +134,7 @@ def test_dask_partitioned_worker_is_fenced_and_lost_host_resumes(net, tmp_path):
         zombie = next(w for w in workers if w.name == _events(ev)[0][1])
         t_cut = time.monotonic()
         net.cut(sched, zombie)
-        wait_until(
-            lambda: any(e[0] == "START" and e[1] != zombie.name for e in _events(ev)),
-            120,
-            "the task to run again on another host",
-            0.05,
-        )
+        _wait_for_rerun(ev, away_from=zombie)
         t_rerun = time.monotonic()
         wait_until(lambda: any(e[0] == "STALE" for e in _events(ev)), 60, "the zombie", 0.05)
         t_fenced = time.monotonic()
@@ -167,12 +172,7 @@ def test_dask_partitioned_worker_is_fenced_and_lost_host_resumes(net, tmp_path):
         t_kill = time.monotonic()
         killed = lost.kill_all()
         assert killed  # the Nanny and its worker at least
-        wait_until(
-            lambda: any(e[0] == "START" and e[1] != lost.name for e in _events(ev2)),
-            120,
-            "the task to run again on another host",
-            0.05,
-        )
+        _wait_for_rerun(ev2, away_from=lost)
         t_rerun_a = time.monotonic()
         got = result(proc, out)
         assert got["epoch"] == 2 and got["host"] != lost.name
