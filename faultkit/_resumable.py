@@ -10,8 +10,9 @@ nothing else. The sequence:
    returns it without running anything;
 2. an expired result (older than ``expire``) or ``refresh=True`` deletes the stage first, so
    the body runs afresh above every old epoch;
-3. claim the stage (fencing every older attempt), check again (another attempt may have
-   finished meanwhile), run ``fn(*args, stage=stage, **kwargs)``;
+3. claim the stage (fencing every older attempt; on the host's first try of the task the
+   claim rides on its first commit), check again (another attempt may have finished
+   meanwhile), run ``fn(*args, stage=stage, **kwargs)``;
 4. record what it returned with the one codec (``faultkit._codec``).
 """
 
@@ -82,6 +83,7 @@ def _prepare(
     pickle_ok: bool,
     logger: logging.Logger,
     make_stage: Callable[[CheckpointStore, str], Stage] | None = None,
+    first_try: bool = False,
 ) -> tuple[Stage, bool, Any]:
     """Steps 1-3 up to the claim: ``(stage, True, result)`` when a recorded result stands,
     else ``(claimed stage, False, None)``."""
@@ -99,7 +101,7 @@ def _prepare(
         if found:
             logger.info("stage %s finished earlier; returning its recorded result", key)
             return stage, True, value
-    stage.claim()
+    stage.claim(lazy=first_try)
     if not refresh and not _expired(stage, expire):
         found, value = _codec.replay(stage, pickle_ok=pickle_ok)
         if found:  # another attempt finished between our read and our claim
@@ -134,6 +136,7 @@ def call(
     pickle_ok: bool = False,
     on_stage: Callable[[Stage], object] | None = None,
     make_stage: Callable[[CheckpointStore, str], Stage] | None = None,
+    first_try: bool = False,
     logger: logging.Logger | None = None,
 ) -> Any:
     """Run ``fn(*args, stage=stage, **kwargs)`` as a resumable call of stage ``key``.
@@ -148,13 +151,19 @@ def call(
         pickle_ok: record results the codec does not accept with pickle (trusted stores).
         on_stage: called with the claimed stage before the body runs (host bookkeeping).
         make_stage: builds the Stage (a host's Stage subclass), default ``store.stage``.
+        first_try: the host says this is the task's first try in its run (Airflow try 1,
+            Prefect's first run of the task and the flow run), so no older attempt can race
+            it: the claim then rides on the first commit (``Stage.claim(lazy=True)``),
+            saving one record. Leave it False when unsure: that is always correct.
         logger: the host's logger (default ``faultkit.resumable``).
 
     Returns:
         What ``fn`` returned, or the recorded result of an earlier attempt that finished.
     """
     logger = logger or log
-    stage, done, value = _prepare(store, key, expire, refresh, pickle_ok, logger, make_stage)
+    stage, done, value = _prepare(
+        store, key, expire, refresh, pickle_ok, logger, make_stage, first_try
+    )
     if done:
         return value
     if on_stage is not None:
@@ -175,6 +184,7 @@ async def call_async(
     refresh: bool = False,
     pickle_ok: bool = False,
     on_stage: Callable[[Stage], object] | None = None,
+    first_try: bool = False,
     logger: logging.Logger | None = None,
 ) -> Any:
     """:func:`call` for a coroutine function (the store's I/O runs in a worker thread)."""
@@ -182,7 +192,7 @@ async def call_async(
 
     logger = logger or log
     stage, done, value = await asyncio.to_thread(
-        _prepare, store, key, expire, refresh, pickle_ok, logger
+        _prepare, store, key, expire, refresh, pickle_ok, logger, None, first_try
     )
     if done:
         return value

@@ -98,6 +98,7 @@ class Stage:
         self._read = False  # has the log been read at all (claim reads it first if not)
         self._listed = False  # has a full read (listing the log) been done on this object
         self._epoch = 0
+        self._lazy = False  # claimed, but the claim rides on the first commit (see claim())
         self._lock = threading.RLock()
         self._claimed_at = 0.0
         self._prior: dict[str, Any] = {}
@@ -278,12 +279,15 @@ class Stage:
         """Create the next record; returns its seq, or 0 when ``redundant(view)`` says it is
         already there (a unit done, the stage finished) by the time it would be written."""
         kind = body["t"]
-        what = {"done": f"done({body.get('u')!r})", "fin": "finish()", "sink": "a sink write"}.get(
-            kind, f"{kind}(step={body.get('step')})"
-        )
+        what = {
+            "done": f"done({body.get('u')!r})",
+            "fin": "finish()",
+            "sink": "a sink write",
+            "claim": "its claim",
+        }.get(kind, f"{kind}(step={body.get('step')})")
         while True:
             v = self._view
-            if fenced and v.fence > self._epoch:
+            if fenced and self._fenced(v):
                 raise self._stale(what)
             if redundant is not None and redundant(v):
                 return 0
@@ -299,11 +303,20 @@ class Stage:
                     raise self._stale(what, why)
                 self._catch_up(full=True)
                 continue
+            if self._lazy and body.get("e") == self._epoch:
+                self._lazy = False  # this commit carried the claim: the epoch is in the log
+                _failpoints.hit("stage.claim_written")
             return seq
+
+    def _fenced(self, v: View) -> bool:
+        """True if a newer attempt owns the stage. Until a lazy claim is written (it rides
+        on the attempt's first commit), a claim of the same epoch by anyone else fences it
+        too: that writer read the same log and got there first."""
+        return v.fence >= self._epoch if self._lazy else v.fence > self._epoch
 
     # -- claiming ----------------------------------------------------------------------
 
-    def claim(self) -> Stage:
+    def claim(self, *, lazy: bool = False) -> Stage:
         """Claim a new epoch; every write of an older epoch fails from now on.
 
         The new epoch is above every epoch the log holds, and above every damaged position
@@ -312,6 +325,16 @@ class Stage:
         stage is written without fsync: there is no earlier attempt for it to fence, and
         every later commit of its epoch implies it, so losing it in a power cut of the
         machine that ran it changes nothing. Every later claim is durable before this returns.
+
+        ``lazy=True`` (for a host's first try of a task, which no older attempt can race)
+        writes no claim record: the epoch above every one in the log is taken now, and the
+        attempt's first commit carries it (a commit of an epoch above every claim counts as
+        that epoch's claim). That first commit succeeds only while nobody else has claimed
+        the same epoch or a higher one meanwhile; otherwise it raises
+        :class:`~faultkit.StaleAttemptError` and writes nothing, exactly as if this claim
+        had been written first and then fenced. So no epoch is ever written by two
+        attempts. A log with damage, a reset (delete) or sinks of older epochs to fence is
+        claimed as usual.
         """
         with self._lock:
             if self._epoch:
@@ -319,6 +342,14 @@ class Stage:
             # One listing per attempt finds gaps; after it (refresh() then claim()), reading
             # on from the cursor finds what was added since.
             self._catch_up(full=not self._listed)
+            v = self._view
+            if lazy and not (v.damaged or v.base or v.sinks or v.deleted):
+                self._epoch, self._lazy = v.fence + 1, True
+                self._claimed_at = time.time()
+                _failpoints.hit("stage.claimed")
+                if self.resumed:
+                    self._announce_resume(v, self._epoch, self._claimed_at)
+                return self
             while True:
                 if self._seal_gaps():
                     continue
@@ -432,7 +463,16 @@ class Stage:
 
     @property
     def epoch(self) -> int:
-        """This attempt's epoch (1 for the first attempt, then 2, 3, ...)."""
+        """This attempt's epoch (1 for the first attempt, then 2, 3, ...).
+
+        On a stage claimed with ``lazy=True`` that has not committed yet, reading it writes
+        the claim first, so the epoch can be handed to :meth:`CheckpointStore.attach`.
+        """
+        if self._lazy:
+            with self._lock:
+                if self._lazy:
+                    body = {"t": "claim", "e": self._epoch, "ts": time.time(), "pid": os.getpid()}
+                    self._append(body)
         return self._epoch
 
     @property
@@ -459,7 +499,7 @@ class Stage:
         self._require_claim()
         with self._lock:
             self._catch_up()
-            if self._view.fence > self._epoch:
+            if self._fenced(self._view):
                 raise self._stale(None)
 
     def is_done(self, unit: str | int) -> bool:

@@ -110,6 +110,19 @@ def _run_context() -> tuple[str, Any, Mapping[str, Any], str]:
     return flow_name or "-", run_id, params, task_name
 
 
+def _first_try() -> bool:
+    """True on the task's first run in the flow run's first run: no older attempt of its
+    stage can exist, so the claim may ride on its first commit (see ``faultkit._resumable``).
+    A task retry, a flow retry and a crash-retry of the flow run all count runs above 1."""
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    tr = ctx.task_run if ctx is not None else None
+    if tr is None:
+        return False
+    return tr.run_count <= 1 and 0 < (tr.flow_run_run_count or 0) <= 1
+
+
 def _logger() -> Any:
     try:
         from prefect.logging import get_run_logger
@@ -218,6 +231,7 @@ def resumable_task(
         return {
             "store": store_ref.get(),
             "key": k,
+            "first_try": _first_try(),
             "expire": expire,
             "refresh": refresh,
             "pickle_ok": pickle_result,

@@ -145,3 +145,59 @@ def test_store_for_is_one_store_per_process_and_url(tmp_path):
     a = store_for(f"file://{tmp_path}/s")
     assert store_for(f"file://{tmp_path}/s") is a
     assert store_for(f"file://{tmp_path}/s", {"fsync": False}) is not a
+
+
+def _records(tmp_path, key):
+    folder = tmp_path / "store" / key / "@log"
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_first_try_writes_its_claim_with_its_first_commit(fstore, tmp_path):
+    """A host's first try saves the claim record; a later try claims as usual; both fence."""
+    assert call(Body("a", units=2), store=fstore, key="lazy/one", first_try=True) == "a"
+    assert len(_records(tmp_path, "lazy/one")) == 3  # done, done, fin: no claim record
+    view = fstore.read_view("lazy/one")
+    assert [e for e, _s, _t in view.claims] == [1] and view.finished.result is not None
+    assert call(Body("b", units=2), store=fstore, key="lazy/two") == "b"
+    assert len(_records(tmp_path, "lazy/two")) == 4  # claim, done, done, fin
+
+
+def test_first_try_overtaken_before_its_first_commit_writes_nothing(fstore):
+    """Two attempts read the same empty log: the lazy one commits nothing once the other
+    claimed the epoch number it expected, and the newer one's work stands."""
+    first = fstore.stage("lazy/race").claim(lazy=True)
+    newer = fstore.stage("lazy/race").claim()
+    assert first._epoch == newer.epoch == 1
+    newer.done(0, "newer")
+    with pytest.raises(StaleAttemptError):
+        first.done(1, "zombie")
+    with pytest.raises(StaleAttemptError):
+        first.save(b"zombie", step=5)
+    with pytest.raises(StaleAttemptError):
+        first.check()
+    view = fstore.read_view("lazy/race")
+    assert {r.unit: r.result for r in view.units.values()} == {0: "newer"} and not view.snaps
+
+
+def test_lazy_claim_shows_its_epoch_by_writing_it(fstore):
+    """Reading .epoch writes the claim, so other processes can attach to the epoch."""
+    st = fstore.stage("lazy/attach").claim(lazy=True)
+    with pytest.raises(ValueError):
+        fstore.attach("lazy/attach", 1)  # nothing in the log yet
+    assert st.epoch == 1
+    helper = fstore.attach("lazy/attach", 1)
+    assert helper.done("u") and not st.done("u")
+    assert fstore.stage("lazy/attach").claim().epoch == 2
+    with pytest.raises(StaleAttemptError):
+        helper.done("v")
+
+
+def test_lazy_claim_on_a_damaged_log_is_written_at_once(fstore, tmp_path):
+    """Damage, a reset or sinks to fence need the claim's full work: it is not deferred."""
+    with fstore.stage("lazy/dmg") as st:
+        st.done(0)
+        st.done(1)
+    (tmp_path / "store" / "lazy/dmg" / "@log" / "000000000002").write_bytes(b"garbage")
+    st = fstore.stage("lazy/dmg").claim(lazy=True)
+    assert not st._lazy and st.epoch == 3  # above the damaged position, in the log now
+    assert fstore.read_view("lazy/dmg").epoch == 3

@@ -179,12 +179,22 @@ def test_random_kills(tmp_path):
     assert view.epoch >= kills + 1
 
 
-def test_zombie_paused_then_fenced(backend, tmp_path):
-    """A SIGSTOPped attempt resumed after a newer one committed cannot write anything."""
+@pytest.mark.parametrize(
+    "lazy",
+    [
+        pytest.param(-1, id="claimed"),
+        pytest.param(0, id="lazy-before-first-commit"),
+        pytest.param(1, id="lazy-after-first-commit"),
+    ],
+)
+def test_zombie_paused_then_fenced(backend, tmp_path, lazy):
+    """A SIGSTOPped attempt resumed after a newer one committed cannot write anything: also
+    a first try whose claim rides on its first commit, paused before or after that commit
+    (before it, the newer attempt claims the same epoch number first, and that fences it)."""
     k = "chaos/zombie"
     out_a = str(tmp_path / "a.json")
     go = str(tmp_path / "go")
-    a = _spawn(backend, "zombie", "--key", k, "--out", out_a, "--go", go)
+    a = _spawn(backend, "zombie", "--key", k, "--out", out_a, "--go", go, "--lazy", str(lazy))
     wait_until(lambda: os.path.exists(out_a + ".ready") or a.poll() is not None, 60, "A ready")
     os.kill(a.pid, signal.SIGSTOP)
     try:
@@ -209,11 +219,15 @@ def test_zombie_paused_then_fenced(backend, tmp_path):
     a.communicate(timeout=120)
     assert a.returncode == 0
     result = json.load(open(out_a))
-    assert result == {"epoch": 1, "done": "stale:2", "save": "stale:2"}
+    newer = 1 if lazy == 0 else 2  # the log was still empty when the newer attempt claimed
+    assert result == {"epoch": 1, "done": f"stale:{newer}", "save": f"stale:{newer}"}
     store = CheckpointStore(backend[0], **backend[1])
     with store.stage(k) as st:
-        assert set(st.results()) == {"before-pause", 0, 1, 2}
+        assert set(st.results()) == ({0, 1, 2} if lazy == 0 else {"before-pause", 0, 1, 2})
         assert st.latest().step == 2
+        assert [e for e, _, _ in st._view.claims] == list(range(1, newer + 2))
+        units = st._view.units.values()
+        assert {r.epoch for r in units} == ({1} if lazy == 0 else {1, 2})
 
 
 def _proc_state(pid: int) -> str:

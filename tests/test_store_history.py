@@ -51,6 +51,8 @@ class Op:
     e: int | None = None
     u: int | None = None
     s: int | None = None
+    a: str | None = None  # writes: the claim op of the attempt that wrote
+    lazy: bool = False  # claims: the claim rides on the attempt's first commit
     t1: float | None = None  # None: no completion (the process was killed mid-operation)
     r: Any = None
     stale: bool = False
@@ -84,7 +86,8 @@ def _read(files: list[Path]) -> History:
             except ValueError:
                 continue  # a line cut by SIGKILL
             if kind == "I":
-                op = Op(**{k: d.get(k) for k in ("id", "op", "k", "t0", "e", "u", "s")})
+                op = Op(**{k: d.get(k) for k in ("id", "op", "k", "t0", "e", "u", "s", "a")})
+                op.lazy = bool(d.get("lazy"))
                 by_id[op.id] = op
                 h.ops.append(op)
             elif kind == "C" and d["id"] in by_id:
@@ -162,10 +165,34 @@ def _run(url: str, opts: dict, tmp: Path, seed: int, seconds: float, workers: in
     return got
 
 
+def _wrote(w: Op) -> bool:
+    """True if ``w`` returned having written (done()/finish() answering False did not)."""
+    return w.op in ("done", "save", "finish") and w.ok and (w.op == "save" or w.r is True)
+
+
+def _claims(h: History, k: str) -> list[Op]:
+    """The claims that took effect, each with ``t1`` when it did. A lazy claim (a first
+    try's) writes nothing itself: it takes effect with its attempt's first write, and one
+    whose attempt never wrote is no claim at all (its epoch number may be handed out again,
+    and nothing of it may ever land)."""
+    out = []
+    for c in h.of(k, "claim"):
+        if not c.ok:
+            continue
+        if c.lazy:
+            firsts = [w for w in h.ops if w.a == c.id and _wrote(w)]
+            if not firsts:
+                continue
+            c = Op(**{**c.__dict__, "t1": min(w.t1 for w in firsts)})
+        out.append(c)
+    return out
+
+
 def _check(h: History, store: CheckpointStore) -> list[str]:
     bad: list[str] = []
+    lazy = {c.id: c for c in h.ops if c.op == "claim" and c.lazy}
     for k in KEYS:
-        claims = [o for o in h.of(k, "claim") if o.ok]
+        claims = _claims(h, k)
         deletes = [o for o in h.of(k, "delete") if o.ok]
         epochs = [o.r for o in claims]
         if len(epochs) != len(set(epochs)):
@@ -184,12 +211,21 @@ def _check(h: History, store: CheckpointStore) -> list[str]:
 
         writes = [o for o in h.of(k, "done", "save", "finish") if o.e is not None]
         for w in writes:
-            if not w.ok or (w.op != "save" and w.r is not True):
+            if not _wrote(w):
                 continue  # done()/finish() answering False wrote nothing: it was done already
             newer = [c for c in claims if c.r > w.e and c.t1 < w.t0]
             if newer:
                 bad.append(f"{k}: {w.op} {w.id} of epoch {w.e} succeeded after claim {newer[0].id}")
-            claimed_before = [c for c in claims if c.r == w.e]
+            if w.a in lazy and not any(
+                x.a == w.a and _wrote(x) and x.t1 < w.t0 for x in writes
+            ):  # the write that carried a lazy claim: a claim of its own epoch fences it too
+                same = [c for c in claims if c.r == w.e and c.id != w.a and c.t1 < w.t0]
+                if same:
+                    bad.append(
+                        f"{k}: {w.op} {w.id} carried lazy claim {w.a} (epoch {w.e}) after "
+                        f"claim {same[0].id} of that epoch"
+                    )
+            claimed_before = [c for c in claims if c.id == w.a]
             for d in deletes:
                 if d.t1 < w.t0 and claimed_before and claimed_before[0].t1 < d.t0:
                     bad.append(f"{k}: {w.op} {w.id} of epoch {w.e} succeeded after delete {d.id}")
@@ -264,6 +300,7 @@ def test_random_histories_satisfy_the_contract(
     assert len(done) > min_ops, f"too few operations to mean anything ({len(done)})"
     assert h.kills + h.stops >= 5, "the faults did not fire"
     assert any(o.stale for o in done), "no zombie write was ever refused: nothing was tested"
+    assert any(c.lazy for k in KEYS for c in _claims(h, k)), "no lazy claim ever took effect"
     errors = [o for o in done if o.err]
     assert not errors, (
         f"seed {seed}: unexpected errors: {[(o.id, o.op, o.err) for o in errors[:5]]}"

@@ -248,12 +248,15 @@ class ResumablePythonOperator(PythonOperator):
             stages.append(stage)
             if alerter is not None and stage.resumed:
                 self._report_previous_try(stage, ti, tss, alerter)
-            self.log.info(
-                "faultkit stage %s: epoch %d%s",
-                key,
-                stage.epoch,
-                f", resuming ({dict(stage.resume_info)})" if stage.resumed else "",
-            )
+            if stage.resumed:
+                self.log.info(
+                    "faultkit stage %s: epoch %d, resuming (%s)",
+                    key,
+                    stage.epoch,
+                    dict(stage.resume_info),
+                )
+            else:  # a first try's claim is written with its first commit
+                self.log.info("faultkit stage %s: claimed, nothing to resume", key)
 
         def body(*, stage: Stage) -> Any:
             self.op_kwargs = {**self.op_kwargs, "stage": stage}
@@ -274,6 +277,7 @@ class ResumablePythonOperator(PythonOperator):
                 key=key,
                 on_stage=on_stage,
                 make_stage=lambda st, k: _TrackedStage(st, k, pointer),
+                first_try=ti.try_number <= 1,
                 logger=self.log,
             )
         except BaseException as exc:

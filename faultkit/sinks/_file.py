@@ -103,7 +103,7 @@ class FileSink:
             return False
         stage.check()
         seg = unit_segment(unit)
-        staged = f"{STAGING}/{stage.key}/{seg}-{stage.epoch}-{uuid.uuid4().hex[:12]}"
+        staged = f"{STAGING}/{stage.key}/{seg}-{stage._epoch}-{uuid.uuid4().hex[:12]}"
         with self._storage.open_new(staged) as f:
             f.write(data)
         _failpoints.hit("filesink.staged")

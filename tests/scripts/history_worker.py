@@ -38,6 +38,7 @@ def main() -> None:
     keys = a.keys.split(",")
     deletable = set(filter(None, a.deletable.split(",")))
     attempts: dict[str, list] = {k: [] for k in keys}
+    owner: dict[int, str] = {}  # id(stage) -> the id of the claim op that made it
     out = open(a.out, "a", buffering=1)
     pid = os.getpid()
     n = 0
@@ -73,7 +74,10 @@ def main() -> None:
         oid = f"{pid}-{n}"
         body = {"id": oid, "op": op, "k": k, "t0": time.monotonic()}
         if st is not None:
-            body["e"] = st.epoch
+            body["e"] = st._epoch  # .epoch would write a lazy claim
+            body["a"] = owner[id(st)]
+        if op == "claim":
+            body["lazy"] = rng.random() < 0.3  # a first try: the claim rides on a commit
         if op == "done":
             body["u"] = rng.randrange(40)
         elif op == "save":
@@ -83,7 +87,8 @@ def main() -> None:
             if op == "claim":
                 fresh = CheckpointStore(a.store, **opts) if rng.random() < 0.3 else store
                 stage = fresh.stage(k)
-                res: object = stage.claim().epoch
+                res: object = stage.claim(lazy=body["lazy"])._epoch
+                owner[id(stage)] = oid
                 held.append(stage)
             elif op == "done":
                 res = st.done(body["u"], {"by": oid})
@@ -107,7 +112,7 @@ def main() -> None:
             done = {"id": oid, "t1": time.monotonic(), "err": f"{type(exc).__name__}: {exc}"}
         record("C", done)
         if len(held) > 6:
-            del held[0]
+            owner.pop(id(held.pop(0)), None)
     out.close()
     sys.exit(0)
 

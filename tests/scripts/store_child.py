@@ -60,20 +60,23 @@ def work(a: argparse.Namespace) -> None:
 def zombie(a: argparse.Namespace) -> None:
     store = _store(a.store)
     result: dict[str, object] = {}
-    with store.stage(a.key) as stage:
-        result["epoch"] = stage.epoch
+    # --lazy: a host's first try, whose claim rides on its first commit (--lazy 0: it is
+    # paused before that commit, so its claim is not in the log yet; --lazy 1: after it).
+    stage = store.stage(a.key).claim(lazy=a.lazy >= 0)
+    result["epoch"] = stage._epoch  # .epoch would write a lazy claim
+    if a.lazy != 0:
         stage.done("before-pause")
-        _note(a.out + ".ready", str(os.getpid()))
-        _wait_file(a.go)
-        for what, fn in (
-            ("done", lambda: stage.done("zombie-unit", "zombie")),
-            ("save", lambda: stage.save(b"zombie-bytes", step=999)),
-        ):
-            try:
-                fn()
-                result[what] = "written"
-            except StaleAttemptError as exc:
-                result[what] = f"stale:{exc.current}"
+    _note(a.out + ".ready", str(os.getpid()))
+    _wait_file(a.go)
+    for what, fn in (
+        ("done", lambda: stage.done("zombie-unit", "zombie")),
+        ("save", lambda: stage.save(b"zombie-bytes", step=999)),
+    ):
+        try:
+            fn()
+            result[what] = "written"
+        except StaleAttemptError as exc:
+            result[what] = f"stale:{exc.current}"
     with open(a.out, "w") as f:
         json.dump(result, f)
 
@@ -102,6 +105,7 @@ def main() -> None:
     p.add_argument("--snap-size", type=int, default=4096)
     p.add_argument("--go", default="")
     p.add_argument("--epoch", type=int, default=0)
+    p.add_argument("--lazy", type=int, default=-1)
     a = p.parse_args()
     {"work": work, "zombie": zombie, "race": race}[a.scenario](a)
 
