@@ -25,6 +25,18 @@ position, and a writer whose epoch is below that bound is treated as fenced. A c
 seals each gap with a ``void`` record, so a writer that reads up to the gap next finds the
 damage instead of a hole it could write into.
 
+Compaction. A claim replays the log, so a long stage would cost a claim time linear in its
+history. After ``compact_every`` records (500 by default) a committing writer writes a summary
+of its view (``sum-<seq>-<id>``: JSON, checksum and length named by the record) and then a
+``base`` record with ``why: compact`` at the next position, which names it, and an empty
+``head-<seq>`` hint. A reader lists the hints, reads from the newest summary on, and folds the
+records after it; the records before it are kept, so a summary that is missing or fails its
+checksum is damage at its position (reported, claimed above) and the reader folds the history
+instead. A hint is only a shortcut: what it points at is checked like any record. A writer that
+has folded every record before the base treats it as a marker. The base is written at one
+position with create-if-absent like every record, so it summarizes exactly the records below
+it, whoever wrote it; fencing is unchanged.
+
 A ``base`` record starts the log over: :meth:`CheckpointStore.delete` writes one with an
 epoch above everything before it, then removes the older records, so a new run of the key
 claims above every epoch the deleted stage handed out and its zombies stay fenced.
@@ -182,6 +194,11 @@ class View:
         self.last_digest = data_digest
         ts = float(body.get("ts", 0.0))
         if t == "base":
+            if body.get("why") == "compact":
+                # A summary of every record before it, which this view has folded already
+                # (a reader that starts here restores it first: see Stage._catch_up_once).
+                self.base = seq
+                return
             self._reset(seq, int(body["e"]), body, ts)
             return
         if t == "claim":
@@ -239,6 +256,59 @@ class View:
         self.sinks = {k: (int(e), dict(f)) for k, (e, f) in (body.get("sinks") or {}).items()}
         if body.get("why") == "deleted":
             self.deleted = ts
+
+    def summary(self) -> bytes:
+        """Everything this view knows, as JSON: what a ``compact`` base record names."""
+        fin = self.finished
+        state = {
+            "v": 1,
+            "cursor": self.cursor,
+            "epoch": self.epoch,
+            "claims": self.claims,
+            "units": [[k, r.unit, r.result, r.epoch, r.seq, r.ts] for k, r in self.units.items()],
+            "snaps": [
+                [r.seq, r.epoch, r.step, r.blob, r.size, r.checksum, r.meta, r.ts]
+                for r in self.live_snaps()
+            ],
+            "sinks": {k: [e, f] for k, (e, f) in self.sinks.items()},
+            "ignored": self.ignored,
+            "last_commit": self.last_commit,
+            "finished": [fin.result, fin.epoch, fin.seq, fin.ts] if fin else None,
+            "deleted": self.deleted,
+        }
+        return json.dumps(state, separators=(",", ":")).encode()
+
+    def restore(self, data: bytes, seq: int, prev_digest: str) -> None:
+        """Become the view a summary describes, as of the record before ``seq`` (the
+        ``compact`` base that names it). Raises ``CorruptCheckpointError`` if it is not one."""
+        try:
+            st = json.loads(data)
+            if st.get("v") != 1 or int(st["cursor"]) != seq - 1:
+                raise ValueError("not a summary of the records before its base")
+            units = {
+                str(k): UnitRecord(u, r, int(e), int(s), float(ts))
+                for k, u, r, e, s, ts in st["units"]
+            }
+            snaps = [
+                SnapRecord(int(a), int(e), int(step), str(b), int(n), str(c), dict(m), float(ts))
+                for a, e, step, b, n, c, m, ts in st["snaps"]
+            ]
+            fin = st.get("finished")
+            finished = (
+                UnitRecord("@finished", fin[0], int(fin[1]), int(fin[2]), float(fin[3]))
+                if fin
+                else None
+            )
+            claims = [(int(e), int(s), float(ts)) for e, s, ts in st["claims"]]
+            sinks = {str(k): (int(e), dict(f)) for k, (e, f) in st["sinks"].items()}
+            epoch, last_commit = int(st["epoch"]), float(st["last_commit"])
+            ignored, deleted = [int(i) for i in st["ignored"]], float(st["deleted"])
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+            raise CorruptCheckpointError(f"log summary is not valid: {exc}") from exc
+        self.cursor, self.last_digest = seq - 1, prev_digest
+        self.epoch, self.claims, self.units, self.snaps = epoch, claims, units, snaps
+        self.sinks, self.ignored, self.finished = sinks, ignored, finished
+        self.last_commit, self.deleted, self.dropped = last_commit, deleted, set()
 
     def live_snaps(self) -> list[SnapRecord]:
         """Snapshots not removed by gc, oldest first."""

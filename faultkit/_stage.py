@@ -104,6 +104,7 @@ class Stage:
         self._prior: dict[str, Any] = {}
         self._reported: set[str] = set()
         self._sinks: set[str] = set()  # sinks this attempt declared in the log
+        self._bad_bases: set[int] = set()  # compact bases whose summary did not verify
 
     # -- reading the log ---------------------------------------------------------------
 
@@ -131,6 +132,9 @@ class Stage:
         except CorruptCheckpointError as exc:
             log.warning("stage %s: log record %d is damaged (%s)", self.key, seq, exc)
             v.damage(seq, "corrupt" if data else "link", str(exc) if data else "not a file")
+            return True
+        if seq in self._bad_bases:
+            v.damage(seq, "corrupt", "its summary is missing or fails its checksum")
             return True
         if not v.link_ok(seq, body):
             v.suspect.add(seq - 1)
@@ -161,22 +165,26 @@ class Stage:
         v = self._view
         if full:
             self._listed = True
-            names = self._storage.list(self._dir)
-            seqs = sorted(int(n) for n in names if n.isdigit() and int(n) > v.cursor)
+            seqs = self._list_log(v.cursor)
             if seqs:
                 try:
                     got = self._storage.read_many([self._path(s) for s in seqs])
                     datas = {s: got[self._path(s)] for s in seqs}
                 except LinkRefusedError:  # one of them is a link: read them one by one
                     datas = {s: self._read_one(s) for s in seqs}
-                start = v.cursor + 1
+                start, body = v.cursor + 1, {}
                 for s in reversed(seqs):  # records below the newest base are history
                     d = datas[s]
-                    if d and b'"t":"base"' in d and s > v.cursor:
+                    if d and b'"t":"base"' in d and s > v.cursor and s not in self._bad_bases:
                         with contextlib.suppress(CorruptCheckpointError):
-                            if decode(d)["t"] == "base":
+                            body = decode(d)
+                            if body["t"] == "base":
                                 start = s
                                 break
+                if start > v.cursor + 1 and body.get("why") == "compact":
+                    if not self._restore(start, body):
+                        self._bad_bases.add(start)
+                        return False  # read the history the summary stood for instead
                 for s in range(start, seqs[-1] + 1):
                     data = datas.get(s)
                     if data is None:
@@ -193,6 +201,71 @@ class Stage:
                 return True
             if not self._fold(nxt, data):
                 return False
+
+    def _list_log(self, cursor: int) -> list[int]:
+        """Positions of the log's records after ``cursor``, from the newest compaction on
+        (its ``head-`` hint; a hint is only a shortcut: the record it names is checked)."""
+        st, folder = self._storage, self._dir
+        names = st.list(folder) if st.cheap_list else None
+        after = cursor
+        if not self._bad_bases:  # a summary failed: read the whole history instead
+            heads = (
+                [n for n in names if n.startswith("head-")]
+                if names is not None
+                else st.list_from(folder, prefix="head-")
+            )
+            newest = max((int(n[5:]) for n in heads if n[5:].isdigit()), default=0)
+            after = max(cursor, newest - 1)
+        if names is None:
+            names = st.list_from(folder, after=seq_name(after)) if after else st.list(folder)
+        return sorted(int(n) for n in names if n.isdigit() and int(n) > after)
+
+    def _restore(self, seq: int, body: dict[str, Any]) -> bool:
+        """Start the view from the summary compact base ``seq`` names; False if the summary
+        is missing or damaged."""
+        name = str(body.get("sum", ""))
+        if not name.startswith("sum-") or "/" in name:
+            return False
+        try:
+            data = self._storage.read(f"{self._dir}/{name}")
+        except (FileNotFoundError, LinkRefusedError):
+            data = None
+        if data is None or len(data) != body.get("n") or digest(data) != body.get("h"):
+            log.warning("stage %s: the summary named by record %d is damaged", self.key, seq)
+            return False
+        try:
+            self._view.restore(data, seq, str(body.get("p", "")))
+        except CorruptCheckpointError as exc:
+            log.warning("stage %s: record %d: %s", self.key, seq, exc)
+            return False
+        return True
+
+    def _compact(self) -> None:
+        """Write a summary of the view and a ``compact`` base record naming it at the next
+        position, so later readers start there. Best effort: a commit never fails for it."""
+        v = self._view
+        if v.damaged or v.suspect or self._lazy:
+            return  # damage is kept in the open, where verify reports it
+        seq = v.cursor + 1
+        data = v.summary()
+        name = f"sum-{seq_name(seq)}-{uuid.uuid4().hex[:8]}"
+        path = f"{self._dir}/{name}"
+        try:
+            self._storage.create(path, data)
+            body = {"t": "base", "why": "compact", "e": v.fence, "sum": name, "h": digest(data)}
+            body.update(n=len(data), units=len(v.units), ts=time.time(), p=v.last_digest)
+            try:
+                why = self._create(seq, body)
+            except FileExistsError:
+                why = "taken"
+            if why:
+                self._storage.delete(path)
+                return
+            with contextlib.suppress(FileExistsError):
+                self._storage.create(f"{self._dir}/head-{seq_name(seq)}", b"", durable=False)
+            log.debug("stage %s: compacted %d records into %s", self.key, seq - 1, name)
+        except Exception as exc:  # the next commit tries again
+            log.warning("stage %s: could not compact its log (%s)", self.key, exc)
 
     def refresh(self) -> None:
         """Read records written by other processes since the last read."""
@@ -306,6 +379,9 @@ class Stage:
             if self._lazy and body.get("e") == self._epoch:
                 self._lazy = False  # this commit carried the claim: the epoch is in the log
                 _failpoints.hit("stage.claim_written")
+            every = self.store.compact_every
+            if every and seq - self._view.base >= every:
+                self._compact()
             return seq
 
     def _fenced(self, v: View) -> bool:
@@ -683,7 +759,8 @@ class Stage:
         """True if gc removed ``rec`` after this view was read (not corruption)."""
         with self._lock:
             self._catch_up()
-            return rec.blob in self._view.dropped
+            v = self._view  # a compaction summarizes only the snapshots gc kept
+            return rec.blob in v.dropped or all(s.blob != rec.blob for s in v.snaps)
 
     def _report_corrupt(
         self, rec: SnapRecord, exc: CorruptCheckpointError, fallback: int | None

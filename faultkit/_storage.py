@@ -152,6 +152,14 @@ class Storage(ABC):
     def list(self, path: str) -> list[str]:
         """Names (not paths) directly under the folder ``path``, sorted; [] when absent."""
 
+    #: True where listing a folder of many entries is one cheap call (a local folder).
+    cheap_list = True
+
+    def list_from(self, path: str, *, after: str = "", prefix: str = "") -> list[str]:
+        """Names under the folder ``path`` that sort after ``after`` and start with
+        ``prefix``, sorted. Object stores ask only for those (a log's tail, not its history)."""
+        return [n for n in self.list(path) if n > after and n.startswith(prefix)]
+
     def subdirs(self, path: str) -> list[str]:
         """Names of the folders directly under ``path``, sorted."""
         return [n for n in self.list(path) if self.list(f"{path}/{n}" if path else n)]

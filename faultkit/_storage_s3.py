@@ -254,6 +254,30 @@ class FsspecStorage(Storage):
         base = self._abs(path).rstrip("/") + "/"
         return sorted({e["name"][len(base) :].strip("/") for e in self._ls(path)})
 
+    cheap_list = False
+
+    def list_from(self, path: str, *, after: str = "", prefix: str = "") -> list[str]:
+        """One LIST (paginated) from ``after`` on, under ``prefix``: a log's tail costs a
+        page, not a page per thousand records of its history."""
+        folder = self._prefix(path)
+        kwargs: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Prefix": folder + check_rel(prefix) if prefix else folder,
+            "Delimiter": "/",
+        }
+        if after:
+            kwargs["StartAfter"] = folder + check_rel(after)
+        names: list[str] = []
+        with self._reading():
+            while True:
+                resp = self._run(self.fs._call_s3, "list_objects_v2", **kwargs)
+                names += [c["Key"][len(folder) :] for c in resp.get("Contents") or ()]
+                token = resp.get("NextContinuationToken")
+                if not resp.get("IsTruncated") or not token:
+                    break
+                kwargs["ContinuationToken"] = token
+        return sorted(n for n in names if n and "/" not in n)
+
     def subdirs(self, path: str) -> list[str]:
         base = self._abs(path).rstrip("/") + "/"
         return sorted(

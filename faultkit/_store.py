@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._errors import CorruptCheckpointError, InvalidKeyError
+from ._errors import CorruptCheckpointError, InvalidKeyError, StoreConfigError
 from ._keys import check_key
 from ._log import Damage, SnapRecord, View, encode
 from ._stage import GONE, Snapshot, Stage
@@ -46,6 +46,9 @@ class CheckpointStore:
         url: where the store lives; ``file:///path``, ``memory://name``, ``s3://bucket/prefix``.
         must_exist: refuse (``StoreConfigError``) a store that does not exist yet instead of
             making it; for tools that inspect, where a mistyped path must not look empty.
+        compact_every: after this many log records since the last summary, a commit also
+            writes a checksummed summary of the stage, so a claim reads the summary and the
+            records after it instead of the stage's whole history (0: never).
         **storage_options: for ``s3://``, passed to s3fs (``key``, ``secret``,
             ``client_kwargs={"endpoint_url": ...}``, ...). For ``file://``, only ``fsync``:
             ``True`` (the default) makes every commit durable before it returns; ``False``
@@ -54,7 +57,29 @@ class CheckpointStore:
             power cut. Use it where the store's disk is scratch that outlives workers.
     """
 
-    def __init__(self, url: str, *, must_exist: bool = False, **storage_options: Any) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        must_exist: bool = False,
+        compact_every: int = 500,
+        **storage_options: Any,
+    ) -> None:
+        if (
+            isinstance(compact_every, bool)
+            or not isinstance(compact_every, int)
+            or compact_every < 0
+        ):
+            raise StoreConfigError(
+                f"compact_every must be a whole number of log records (0: never), not "
+                f"{compact_every!r}"
+            )
+        if 0 < compact_every < 16:
+            raise StoreConfigError(
+                f"compact_every={compact_every} would write a summary of the whole stage "
+                "every few commits; use 16 or more (500 by default), or 0 to never compact"
+            )
+        self.compact_every = compact_every
         self._storage: Storage = open_storage(url, create=not must_exist, **storage_options)
         self.url = self._storage.url
         # Snapshots this object wrote or verified, with their identity then: gc need not
@@ -221,6 +246,10 @@ class CheckpointStore:
         self._storage.delete_tree(f"{key}/@blobs")
         for n in sorted(n for n in names if n.isdigit() and int(n) < last):
             self._storage.delete(f"{key}/@log/{n}")  # oldest first (see Stage._neighbours_ok)
+        for n in names:  # the summaries of compactions, and their hints
+            if n.startswith(("sum-", "head-")):
+                with contextlib.suppress(FileNotFoundError):
+                    self._storage.delete(f"{key}/@log/{n}")
         with self._lock:
             for k in [k for k in self._verified if k[0] == key]:
                 del self._verified[k]

@@ -31,23 +31,30 @@ def events():
     unsubscribe()
 
 
+COMPACT = 16  # compact_every of the compacting backends
+
+
 @pytest.fixture(
     params=[
         pytest.param("memory", id="memory"),
         pytest.param("file", id="file"),
-        pytest.param("file-nofsync", id="file-nofsync"),
-        pytest.param("s3", id="s3"),
+        pytest.param("file-nofsync", id="file-nofsync-compact"),
+        pytest.param("s3", id="s3-compact"),
     ]
 )
 def backend(request, tmp_path):
-    """(url, storage_options) for a fresh, empty store on each backend (S3: SeaweedFS)."""
+    """(url, storage_options) for a fresh, empty store on each backend (S3: SeaweedFS).
+
+    Two of them compact their logs every 16 records, so every store test also runs across
+    compactions (the default, 500, is rarely reached in a test)."""
     if request.param == "memory":
         return f"memory://{uuid.uuid4().hex}", {}
     if request.param == "file":
         return f"file://{tmp_path}/store", {}
     if request.param == "file-nofsync":
-        return f"file://{tmp_path}/store", {"fsync": False}
-    return request.getfixturevalue("s3_store_url")
+        return f"file://{tmp_path}/store", {"fsync": False, "compact_every": COMPACT}
+    url, opts = request.getfixturevalue("s3_store_url")
+    return url, {**opts, "compact_every": COMPACT}
 
 
 @pytest.fixture

@@ -489,3 +489,116 @@ def test_store_root_may_itself_be_a_link(tmp_path):
     with CheckpointStore(f"file://{tmp_path}/ck").stage("r/a") as st:
         st.done(0)
     assert (real / "r" / "a" / "@log").is_dir()
+
+
+# -- compaction --------------------------------------------------------------------------
+
+
+def _compacted(backend, k: str, units: int = 40) -> tuple[CheckpointStore, str]:
+    """A stage of ``units`` done units and one snapshot, compacted every 16 records; returns
+    the store and the newest summary's name."""
+    url, opts = backend
+    store = CheckpointStore(url, **{**opts, "compact_every": 16})
+    with store.stage(k) as st:
+        for u in range(units):
+            st.done(u, {"u": u})
+            if u == 20:
+                st.save(b"twenty", step=20)
+    names = store._storage.list(f"{k}/@log")
+    sums = sorted(n for n in names if n.startswith("sum-"))
+    assert len(sums) >= 2 and any(n.startswith("head-") for n in names), names
+    return store, sums[-1]
+
+
+@pytest.mark.parametrize("how", ["flipped", "removed", "truncated", "forged"])
+def test_damaged_summary_falls_back_to_the_history(backend, how):
+    """A summary that fails its checksum, is gone, is cut short or was rewritten with a
+    matching length is never trusted: the reader folds the records it summarized (they are
+    kept), reports the damage, and the next claim steps above it."""
+    k = "cmp/damaged"
+    store, summary = _compacted(backend, k)
+    path = f"{k}/@log/{summary}"
+    if how == "flipped":
+        flip(store, path, at=40)
+    elif how == "removed":
+        remove(store, path)
+    elif how == "truncated":
+        overwrite(store, path, store._storage.read(path)[:-7])
+    else:  # same length, valid JSON, claiming no unit is done: the checksum still catches it
+        data = store._storage.read(path)
+        fake = json.dumps({"v": 1, "cursor": 0, "units": []}).encode()
+        overwrite(store, path, fake.ljust(len(data), b" "))
+    base = int(summary.split("-")[1])
+    fresh = CheckpointStore(backend[0], **backend[1])
+    view = fresh.read_view(k)
+    assert (base, "corrupt") in [(d.seq, d.kind) for d in view.damaged]
+    assert set(view.units) == {f"i:{u}" for u in range(40)}
+    assert [s.step for s in view.live_snaps()] == [20]
+    with fresh.stage(k) as again:
+        assert again.epoch > base  # above every epoch the damaged position could hold
+        assert set(again.results()) == set(range(40)) and again.latest().data == b"twenty"
+    assert fresh.report(k).problems
+
+
+def test_hint_pointing_at_a_plain_record_is_only_a_shortcut(backend):
+    """A forged ``head-`` hint (at a record that is no summary, or past the log) changes
+    nothing the reader concludes."""
+    k = "cmp/hint"
+    store, _ = _compacted(backend, k)
+    truth = store.read_view(k)
+    for seq in (3, truth.cursor, truth.cursor + 50):
+        store._storage.create(f"{k}/@log/head-{seq:012d}", b"", durable=False)
+        view = CheckpointStore(backend[0], **backend[1]).read_view(k)
+        assert set(view.units) == set(truth.units) and view.epoch == truth.epoch
+        assert not view.damaged
+
+
+def test_zombie_fenced_across_compactions(backend):
+    """An attempt left behind while a newer one committed through several compactions is
+    still fenced, and a reader starting from the newest summary sees every unit once."""
+    url, opts = backend
+    store = CheckpointStore(url, **{**opts, "compact_every": 16})
+    k = "cmp/zombie"
+    old = store.stage(k).claim()
+    old.done("old")
+    new = store.stage(k).claim()
+    for u in range(50):
+        new.done(u)
+    with pytest.raises(StaleAttemptError):
+        old.done("late")
+    with pytest.raises(StaleAttemptError):
+        old.save(b"late", step=9)
+    view = CheckpointStore(url, **opts).read_view(k)
+    assert view.base > 16 and set(view.units) == {"s:old"} | {f"i:{u}" for u in range(50)}
+    assert [e for e, _s, _t in view.claims] == [1, 2] and not view.snaps
+
+
+def test_delete_removes_summaries_and_keeps_zombies_fenced(backend):
+    k = "cmp/delete"
+    store, _ = _compacted(backend, k)
+    held = store.stage(k).claim()
+    store.delete(k)
+    assert not [n for n in store._storage.list(f"{k}/@log") if not n.isdigit()]
+    with pytest.raises(StaleAttemptError):
+        held.done("after-delete")
+    with store.stage(k) as again:
+        assert again.epoch > held._epoch and not again.results()
+
+
+@pytest.mark.parametrize("value", [True, 3, -1, "500", 1.5])
+def test_compact_every_is_checked(tmp_path, value):
+    with pytest.raises(StoreConfigError, match="compact_every"):
+        CheckpointStore(f"file://{tmp_path}/s", compact_every=value)
+
+
+def test_symlinked_summary_is_damage_not_read(tmp_path, outside):
+    """A summary replaced by a link to a forged one outside the store is not followed."""
+    url = f"file://{tmp_path}/store"
+    _, summary = _compacted((url, {}), "ln/cmp")
+    folder = tmp_path / "store" / "ln" / "cmp" / "@log"
+    forged = outside / "forged"
+    forged.write_bytes((folder / summary).read_bytes())
+    (folder / summary).unlink()
+    (folder / summary).symlink_to(forged)
+    view = CheckpointStore(url).read_view("ln/cmp")
+    assert view.damaged and set(view.units) == {f"i:{u}" for u in range(40)}
