@@ -80,6 +80,12 @@ class CheckpointStore:
                 "every few commits; use 16 or more (500 by default), or 0 to never compact"
             )
         self.compact_every = compact_every
+        if "create" in storage_options:
+            create = storage_options["create"]
+            raise StoreConfigError(
+                f"CheckpointStore takes no create= option; write must_exist={not create!r} "
+                "to refuse a store that does not exist yet (the default makes it)"
+            )
         self._storage: Storage = open_storage(url, create=not must_exist, **storage_options)
         self.url = self._storage.url
         # Snapshots this object wrote or verified, with their identity then: gc need not

@@ -602,3 +602,11 @@ def test_symlinked_summary_is_damage_not_read(tmp_path, outside):
     (folder / summary).symlink_to(forged)
     view = CheckpointStore(url).read_view("ln/cmp")
     assert view.damaged and set(view.units) == {f"i:{u}" for u in range(40)}
+
+
+@pytest.mark.parametrize("create", [False, True])
+def test_create_option_says_must_exist(tmp_path, create):
+    """``create=`` is not an option: the error names the one that is, and nothing is made."""
+    with pytest.raises(StoreConfigError, match=f"must_exist={not create}"):
+        CheckpointStore(f"file://{tmp_path}/nope", create=create)
+    assert not (tmp_path / "nope").exists()

@@ -145,6 +145,10 @@ class Network:
             n = next(_counter)
         # Interface names have at most 15 bytes: "fk<pid><n>p<index>".
         self.prefix = f"fk{os.getpid() % 100000}{n}"
+        sweep_stale()
+        os.makedirs(_OWNERS, exist_ok=True)
+        with open(os.path.join(_OWNERS, self.prefix), "w") as f:
+            f.write(str(os.getpid()))
         self.subnet = subnet
         self.switch = f"{self.prefix}-sw"
         self.hosts: dict[str, Host] = {}
@@ -236,3 +240,49 @@ class Network:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
         self._made.clear()
         self.hosts.clear()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(_OWNERS, self.prefix))
+
+
+_OWNERS = "/run/faultkit-netns"  # one file per Network: its prefix, holding the owner's pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale() -> list[str]:
+    """Remove the namespaces (and kill the processes) of Networks whose owning process died
+    without closing them (a test run killed hard); returns the namespaces removed."""
+    try:
+        owners = os.listdir(_OWNERS)
+    except FileNotFoundError:
+        return []
+    listed = _ip("ip", "netns", "list", check=False).stdout.split()
+    gone = []
+    for prefix in owners:
+        path = os.path.join(_OWNERS, prefix)
+        try:
+            with open(path) as f:
+                pid = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            pid = 0
+        if pid and _alive(pid):
+            continue
+        mine = [n for n in listed if n.startswith(prefix + "-")]
+        for ns in mine:
+            for p in _ip("ip", "netns", "pids", ns, check=False).stdout.split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(p), signal.SIGKILL)
+        for ns in sorted(mine, key=lambda n: n.endswith("-sw")):  # the switch last
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30)
+            gone.append(ns)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+    return gone
