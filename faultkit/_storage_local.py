@@ -77,8 +77,12 @@ class _Dirs:
         start, base = 0, self._root
         for i in range(len(parts) - 1, 0, -1):
             with self._lock:
-                h = self._fds.get("/".join(parts[:i]))
+                name = "/".join(parts[:i])
+                h = self._fds.get(name)
                 if h is not None:
+                    # A used ancestor stays cached: hundreds of new stages under one run
+                    # folder must not push the run folder out and walk from the root.
+                    self._fds.move_to_end(name)
                     h.users += 1
                     start, base, held = i, h.fd, h
                     break

@@ -270,7 +270,10 @@ class FsspecStorage(Storage):
         names: list[str] = []
         with self._reading():
             while True:
-                resp = self._run(self.fs._call_s3, "list_objects_v2", **kwargs)
+                try:
+                    resp = self._run(self.fs._call_s3, "list_objects_v2", **kwargs)
+                except FileNotFoundError:  # no bucket: as list(), and the first write says so
+                    return []
                 names += [c["Key"][len(folder) :] for c in resp.get("Contents") or ()]
                 token = resp.get("NextContinuationToken")
                 if not resp.get("IsTruncated") or not token:
