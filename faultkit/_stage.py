@@ -297,16 +297,25 @@ class Stage:
         )
         return err
 
-    def _neighbours_ok(self, seq: int, mine: str) -> str:
-        """After creating ``seq`` (whose digest is ``mine``): "" if it extends the log, else
-        why it does not: it filled a gap below later records (the record after it names
-        another predecessor), or the records before it were removed (the stage was deleted).
+    def _neighbours_ok(self, seq: int, mine: str, prev: str = "") -> str:
+        """After creating ``seq`` (whose digest is ``mine``, naming ``prev`` as the digest of
+        the record before it): "" if it extends the log, else why it does not: it filled a
+        gap below later records (the record after it names another predecessor), or the
+        records before it were removed (the stage was deleted) or replaced.
+
+        The record before it must be the one this writer read, not only exist: two stale
+        writers creating into the removed part of a deleted stage's log would otherwise
+        each find the other's record there and both keep theirs.
         """
         succ = seq_name(seq + 1)
         names = [succ] + ([seq_name(seq - 1)] if seq > 1 else [])
         have = self._storage.present(self._dir, names)
         if seq > 1 and names[1] not in have:
             return "the stage was deleted or its log was reset"
+        if seq > 1 and prev:
+            before = self._read_one(seq - 1)
+            if before is None or digest(before) != prev:
+                return "the record before it is not the one this attempt read (the log was reset)"
         if succ in have:
             data = self._read_one(seq + 1)
             try:
@@ -334,7 +343,7 @@ class Stage:
                 raise
         _failpoints.hit("log.created")
         mine = digest(data)
-        why = self._neighbours_ok(seq, mine)
+        why = self._neighbours_ok(seq, mine, str(body.get("p") or ""))
         if why:
             with contextlib.suppress(Exception):
                 self._storage.delete(path)  # never valid: no reader may build on it

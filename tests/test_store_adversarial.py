@@ -25,6 +25,7 @@ from faultkit import (
     key,
 )
 from faultkit._keys import MAX_KEY, key_parts
+from faultkit._log import encode
 from faultkit._stage import Stage
 
 
@@ -118,7 +119,7 @@ def test_forged_record_left_by_a_killed_zombie_is_not_trusted(store, backend, mo
     b = _fresh(store, backend).stage(k).claim()
     b.done("b")
     remove(store, log_path(k, 2))
-    monkeypatch.setattr(Stage, "_neighbours_ok", lambda self, seq, mine: "")  # killed here
+    monkeypatch.setattr(Stage, "_neighbours_ok", lambda self, *a: "")  # killed here
     a.done("zombie")  # believes it committed
     monkeypatch.undo()
     view = _fresh(store, backend).read_view(k)
@@ -128,6 +129,28 @@ def test_forged_record_left_by_a_killed_zombie_is_not_trusted(store, backend, mo
     assert c.epoch > 2
     with pytest.raises(StaleAttemptError):
         a.done("again")
+
+
+def test_two_zombies_writing_into_a_deleted_log_are_both_fenced(store, backend):
+    """After delete() removed a log's records, a stale writer may create into the removed
+    positions, and a second one may find that record where its predecessor was: it must
+    still see that the record before its own is not the one it read, and withdraw."""
+    k = "dmg/two-zombies"
+    a = store.stage(k).claim()
+    a.done(0)
+    b = _fresh(store, backend).stage(k).claim()
+    b.done(1)  # b has read up to here (position 4)
+    other = _fresh(store, backend).stage(k).claim()
+    other.done(2)  # positions 5 and 6, which b has not read
+    _fresh(store, backend).delete(k)  # a base at 7; positions 1-6 removed
+    # zombie a, in the removed part, created position 4 and has not withdrawn it yet:
+    forged = encode({"t": "done", "e": a._epoch, "id": "s:a", "u": "a", "ts": 1.0, "p": ""})
+    store._storage.create(log_path(k, 4), forged)
+    with pytest.raises(StaleAttemptError):
+        b.done("late")  # creates position 5, whose predecessor is not the record b read
+    assert not store._storage.present(f"{k}/@log", ["000000000005"])
+    view = _fresh(store, backend).read_view(k)
+    assert not view.units and view.deleted
 
 
 def test_claim_seals_gaps_and_verify_names_them(store, backend):
