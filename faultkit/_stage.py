@@ -15,7 +15,12 @@ from typing import TYPE_CHECKING, Any
 import xxhash
 
 from . import _failpoints, _metrics
-from ._errors import CorruptCheckpointError, LinkRefusedError, StaleAttemptError
+from ._errors import (
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    LinkRefusedError,
+    StaleAttemptError,
+)
 from ._events import Event, emit
 from ._keys import check_key, check_unit, unit_id
 from ._log import SnapRecord, View, decode, digest, encode, seq_name
@@ -678,15 +683,24 @@ class Stage:
         path = f"{self.key}/@blobs/{blob}"
         h = xxhash.xxh3_128()
         size = 0
-        with self._storage.open_new(path) as f:
-            half_mark = False
-            for chunk in _chunks(data):
-                h.update(chunk)
-                f.write(chunk)
-                size += len(chunk)
-                if not half_mark:
-                    half_mark = True
-                    _failpoints.hit("save.blob_partial")
+        try:
+            with self._storage.open_new(path) as f:
+                half_mark = False
+                for chunk in _chunks(data):
+                    h.update(chunk)
+                    f.write(chunk)
+                    size += len(chunk)
+                    if not half_mark:
+                        half_mark = True
+                        _failpoints.hit("save.blob_partial")
+        except CheckpointWriteError:
+            # delete() under this attempt removes the stage's folders mid-write: that is a
+            # fence, and the attempt is told so; any other refusal stands as it is.
+            with self._lock:
+                self._catch_up(full=True)  # the records it would probe may be gone too
+                if self._fenced(self._view):
+                    raise self._stale(f"save(step={step})") from None
+            raise
         _failpoints.hit("save.blob_written")
         checksum = f"xxh3_128:{h.hexdigest()}"
         now = time.time()

@@ -633,3 +633,33 @@ def test_create_option_says_must_exist(tmp_path, create):
     with pytest.raises(StoreConfigError, match=f"must_exist={not create}"):
         CheckpointStore(f"file://{tmp_path}/nope", create=create)
     assert not (tmp_path / "nope").exists()
+
+
+def test_save_whose_folder_delete_removed_mid_write_is_stale(tmp_path, monkeypatch):
+    """delete() beside a live attempt can remove the snapshot folder just as a save opens
+    its file there, and the storage refuses the write ("folder does not exist"): the
+    attempt is told it was fenced (StaleAttemptError), not that the disk failed. A refusal
+    with no delete behind it stays a CheckpointWriteError."""
+    from faultkit import CheckpointWriteError
+
+    url = f"file://{tmp_path}/store"
+    store = CheckpointStore(url)
+    st = store.stage("del/mid-save").claim()
+    st.done(0)
+    real = store._storage.open_new
+
+    deleting = []
+
+    def refused(path):  # the race, made to happen here: after save() checked its fence
+        if deleting:
+            CheckpointStore(url).delete("del/mid-save")
+        raise CheckpointWriteError(f"could not write {path!r}: the folder does not exist")
+
+    monkeypatch.setattr(store._storage, "open_new", refused)
+    with pytest.raises(CheckpointWriteError):
+        st.save(b"no delete behind it", step=1)
+    deleting.append(True)
+    with pytest.raises(StaleAttemptError):
+        st.save(b"deleted meanwhile", step=2)
+    monkeypatch.setattr(store._storage, "open_new", real)
+    assert not CheckpointStore(url).read_view("del/mid-save").snaps
