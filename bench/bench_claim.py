@@ -127,10 +127,9 @@ def main(units: int = 100_000, small: int = 2_000, rounds: int = 3, commits: int
         store = CheckpointStore(url, **opts)
         st = store.stage("etl/run/commits").claim()
         body = b'{"e":1,"id":"i:0","r":{"rows":1},"t":"done","u":0}\n' + b"0" * 16
-        s3 = fs
 
         def put(i: int) -> None:
-            with s3.open(f"{bucket}/ck/floor/{i:012d}", "xb") as f:
+            with fs.open(f"{bucket}/ck/floor/{i:012d}", "xb") as f:
                 f.write(body)
 
         ratios = []

@@ -313,14 +313,16 @@ class Stage:
         each find the other's record there and both keep theirs.
         """
         succ = seq_name(seq + 1)
-        names = [succ] + ([seq_name(seq - 1)] if seq > 1 else [])
-        have = self._storage.present(self._dir, names)
-        if seq > 1 and names[1] not in have:
-            return "the stage was deleted or its log was reset"
-        if seq > 1 and prev:
+        if seq > 1 and prev:  # reading the predecessor also shows it exists
             before = self._read_one(seq - 1)
-            if before is None or digest(before) != prev:
+            if before is None:
+                return "the stage was deleted or its log was reset"
+            if digest(before) != prev:
                 return "the record before it is not the one this attempt read (the log was reset)"
+        names = [succ] + ([seq_name(seq - 1)] if seq > 1 and not prev else [])
+        have = self._storage.present(self._dir, names)
+        if len(names) > 1 and names[1] not in have:
+            return "the stage was deleted or its log was reset"
         if succ in have:
             data = self._read_one(seq + 1)
             try:

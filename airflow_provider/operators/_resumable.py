@@ -90,7 +90,9 @@ class _Pointer:
 
     def finish(self, stage: Stage, status: str, **extra: Any) -> None:
         """Record the outcome if a pointer exists (this try wrote one, or an earlier try did)."""
-        if self.written or stage.epoch > 1:
+        # An earlier try (not stage.epoch, which would write a first try's deferred claim
+        # on its way out, and could raise over the task's own error).
+        if self.written or self._base.get("try_number", 1) > 1:
             self.write(stage, status, **extra)
 
 
