@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as _dt
 import enum
@@ -10,12 +11,16 @@ import hashlib
 import inspect
 import json
 import logging
+import os
 import pathlib
+import sys
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from faultkit import _resumable as resumable
+from faultkit._errors import StaleAttemptError
 
 from ._ephemeral import guard as _guard_server
 from ._refs import AlertRef, PolicyRef, StoreRef
@@ -23,6 +28,10 @@ from ._refs import AlertRef, PolicyRef, StoreRef
 __all__ = ["resumable_task", "stage_key"]
 
 log = logging.getLogger("faultkit.prefect")
+
+# How long a fenced flow-run process keeps asking an unreachable server whether a newer run
+# of its flow run exists before it stops anyway (see _stop_if_superseded).
+SUPERSEDED_WAIT = 120.0
 
 
 def _canonical(value: Any) -> Any:
@@ -121,6 +130,68 @@ def _first_try() -> bool:
     if tr is None:
         return False
     return tr.run_count <= 1 and 0 < (tr.flow_run_run_count or 0) <= 1
+
+
+def _superseded(flow_run_id: Any, run_count: int, wait: float) -> str:
+    """Why the server no longer counts this process as the flow run's runner ("" while it
+    does): a newer run of the flow run started, or it is no longer ``Running``. An
+    unreachable server is asked again until ``wait`` seconds pass, then counts as
+    superseded: it has stopped getting this process's heartbeats too."""
+    from prefect import get_client
+
+    deadline = time.monotonic() + wait
+    pause = 0.5
+    while True:
+        try:
+            with get_client(sync_client=True) as client:
+                fr = client.read_flow_run(flow_run_id)
+        except Exception as exc:  # a partition, the server down: ask again, bounded
+            if time.monotonic() >= deadline:
+                return f"the Prefect API was unreachable for {wait:g} s ({exc})"
+            time.sleep(pause)
+            pause = min(pause * 2, 5.0)
+            continue
+        state = fr.state.type.value if fr.state is not None else "none"
+        if (fr.run_count or 0) > run_count:
+            return f"run {fr.run_count} of the flow run started ({state})"
+        if state != "RUNNING":
+            return f"the flow run is {state}"
+        return ""
+
+
+def _stop_if_superseded(err: Exception) -> None:
+    """Stop a zombie flow-run process quietly, so the run that fenced it keeps its state.
+
+    A fenced write in a process that a worker or runner started for this flow run
+    (``PREFECT__FLOW_RUN_ID``) means a newer run of the *same* flow run owns its stages: the
+    server declared this one crashed (its heartbeats stopped) and crash-retry ran it again
+    elsewhere. Any state this process proposed now would land on the newer run (Prefect
+    accepts ``Running -> Failed`` and ``Completed -> Failed`` from any client), and a
+    non-zero exit would make its worker report the newer run ``Crashed``. So, once the
+    server confirms it (or stays unreachable for ``SUPERSEDED_WAIT`` s), the process exits
+    with status 0 without reporting anything. A fenced write while this process is still
+    the flow run's runner (two tasks sharing a ``key=``) raises as usual.
+    """
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    fr = ctx.flow_run if ctx is not None else None
+    if fr is None or os.environ.get("PREFECT__FLOW_RUN_ID") != str(fr.id):
+        return  # the flow runs in the caller's own process: never exit it
+    why = _superseded(fr.id, int(fr.run_count or 0), SUPERSEDED_WAIT)
+    if not why:
+        return
+    log.error(
+        "faultkit: this process is a stale run of flow run %s (%s; %s). Stopping it without "
+        "reporting a state, so the newer run's state stands.",
+        fr.id,
+        why,
+        err,
+    )
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):  # exiting anyway
+            stream.flush()
+    os._exit(0)
 
 
 def _logger() -> Any:
@@ -242,13 +313,21 @@ def resumable_task(
 
         @functools.wraps(fn)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
-            return await resumable.call_async(fn, args, kwargs, **_call_args(args, kwargs))
+            try:
+                return await resumable.call_async(fn, args, kwargs, **_call_args(args, kwargs))
+            except StaleAttemptError as err:
+                _stop_if_superseded(err)
+                raise
 
     else:
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            return resumable.call(fn, args, kwargs, **_call_args(args, kwargs))
+            try:
+                return resumable.call(fn, args, kwargs, **_call_args(args, kwargs))
+            except StaleAttemptError as err:
+                _stop_if_superseded(err)
+                raise
 
     wrapper.__signature__ = public_sig  # type: ignore[attr-defined]
     options: dict[str, Any] = dict(task_kwargs)

@@ -26,14 +26,16 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._services import free_port, wait_until
 
 if TYPE_CHECKING:
     from .._store import CheckpointStore
+
+_T = TypeVar("_T")
 
 __all__ = ["BLOCK", "PrefectStack", "flows_dir", "units_done"]
 
@@ -80,6 +82,9 @@ class PrefectStack:
             whose trigger evaluation loses the write lock four times is dropped and the next
             re-run of that flow run waits out Prefect's 15-minute causal-ordering lookback.
         poll_seconds: how often the serving process looks for runs to start.
+        host: a :class:`~faultkit.testing.Host` to run the server on (it listens on the
+            host's address; this process's API calls go through the host's namespace).
+        serve: also run ``flows/serve.py`` (off when workers of a work pool run the flows).
     """
 
     def __init__(
@@ -92,6 +97,8 @@ class PrefectStack:
         heartbeat_grace: float = 45.0,
         poll_seconds: float = 1.0,
         zombies: bool = True,
+        host: Any = None,
+        serve: bool = True,
     ) -> None:
         self.store_url = store_url
         self.alert_urls = list(alert_urls)
@@ -101,7 +108,9 @@ class PrefectStack:
         self.heartbeat_grace = heartbeat_grace
         self.poll_seconds = poll_seconds
         self.zombies = zombies
-        self.port = free_port()
+        self.host = host
+        self.serve = serve
+        self.port = 4200 if host is not None else free_port()
         self.server: subprocess.Popen[bytes] | None = None
         self.serving: subprocess.Popen[bytes] | None = None
         self._serves = 0
@@ -111,7 +120,8 @@ class PrefectStack:
 
     @property
     def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api"
+        ip = self.host.ip if self.host is not None else "127.0.0.1"
+        return f"http://{ip}:{self.port}/api"
 
     def env(self) -> dict[str, str]:
         """Environment for processes that talk to this server."""
@@ -151,14 +161,26 @@ class PrefectStack:
         with temporary_settings(updates={PREFECT_API_URL: self.api_url}):
             yield
 
+    def call(self, fn: Callable[[], _T]) -> _T:
+        """``fn()`` with this process's Prefect client pointed at the server, run inside the
+        server's host when it has one (so its sockets reach the host's address)."""
+
+        def in_settings() -> _T:
+            with self.client_settings():
+                return fn()
+
+        return self.host.call(in_settings) if self.host is not None else in_settings()
+
     # -- lifecycle ---------------------------------------------------------------------
 
     def __enter__(self) -> PrefectStack:
         try:
             self.start_server()
-            self._stack.enter_context(self.client_settings())
-            self.save_blocks()
-            self.start_serving()
+            if self.host is None:
+                self._stack.enter_context(self.client_settings())
+            self.call(self.save_blocks)
+            if self.serve:
+                self.start_serving()
         except BaseException:
             self.close()
             raise
@@ -174,9 +196,11 @@ class PrefectStack:
         """Start ``prefect server start`` and wait until ``/api/health`` answers."""
         (self.workdir / "home").mkdir(parents=True, exist_ok=True)
         prefect = str(Path(sys.executable).with_name("prefect"))
-        cmd = [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(self.port)]
+        ip = self.host.ip if self.host is not None else "127.0.0.1"
+        cmd = [prefect, "server", "start", "--host", ip, "--port", str(self.port)]
+        popen = self.host.popen if self.host is not None else subprocess.Popen
         with self._log("server.log") as out:
-            self.server = subprocess.Popen(
+            self.server = popen(
                 cmd,
                 env=self.env(),
                 stdout=out,
@@ -190,11 +214,15 @@ class PrefectStack:
                     f"the Prefect server exited with {self.server.returncode}; see "
                     f"{self.workdir / 'server.log'}"
                 )
-            try:
-                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as r:
-                    return r.status == 200
-            except OSError:
-                return False
+
+            def get() -> bool:
+                try:
+                    with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as r:
+                        return r.status == 200
+                except OSError:
+                    return False
+
+            return self.host.call(get) if self.host is not None else get()
 
         wait_until(healthy, timeout, f"the Prefect server on port {self.port}", interval=0.3)
 
@@ -298,25 +326,35 @@ class PrefectStack:
         """Start a run of ``"flow/deployment"``; returns the flow run id."""
         from prefect import get_client
 
-        with self.client_settings(), get_client(sync_client=True) as client:
-            dep = client.read_deployment_by_name(deployment)
-            fr = client.create_flow_run_from_deployment(dep.id, parameters=dict(parameters or {}))
-        return str(fr.id)
+        def create() -> str:
+            with get_client(sync_client=True) as client:
+                dep = client.read_deployment_by_name(deployment)
+                fr = client.create_flow_run_from_deployment(
+                    dep.id, parameters=dict(parameters or {})
+                )
+            return str(fr.id)
+
+        return self.call(create)
 
     def flow_run(self, flow_run_id: str) -> Any:
         """The flow run as the server has it now."""
         from prefect import get_client
 
-        with self.client_settings(), get_client(sync_client=True) as client:
-            return client.read_flow_run(flow_run_id)
+        def read() -> Any:
+            with get_client(sync_client=True) as client:
+                return client.read_flow_run(flow_run_id)
+
+        return self.call(read)
 
     def states(self, flow_run_id: str) -> list[Any]:
         """Every state the run has been in, oldest first."""
         from prefect import get_client
 
-        with self.client_settings(), get_client(sync_client=True) as client:
-            states = client.read_flow_run_states(flow_run_id)
-        return sorted(states, key=lambda s: s.timestamp)
+        def read() -> list[Any]:
+            with get_client(sync_client=True) as client:
+                return client.read_flow_run_states(flow_run_id)
+
+        return sorted(self.call(read), key=lambda s: s.timestamp)
 
     def wait(
         self,
