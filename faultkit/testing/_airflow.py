@@ -9,7 +9,10 @@ Used by the tests, the benchmarks and ``faultkit demo --engine airflow``::
 Everything runs as child processes of the caller, in their own process groups, configured only
 through environment variables (nothing is written to the user's ``airflow.cfg``). The executor
 is ``LocalExecutor``; the metadata DB is SQLite in the temp folder unless ``db_url`` names
-another one (e.g. a :class:`faultkit.testing.PostgresServer`). :func:`local_airflow` is the
+another one (e.g. a :class:`faultkit.testing.PostgresServer`). With ``host=`` the components
+run on a test host (:class:`faultkit.testing.Host`) and listen on its address; with
+``celery_broker=`` the executor is the ``CeleryExecutor`` and :meth:`AirflowEnv.celery_worker`
+starts ``airflow celery worker`` on other hosts. :func:`local_airflow` is the
 light form for ``dag.test()``: a migrated SQLite DB and no components.
 """
 
@@ -43,10 +46,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _port_open(port: int) -> bool:
+def _port_open(port: int, ip: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex((ip, port)) == 0
 
 
 def _wait(cond: Any, timeout: float, what: str, interval: float = 0.2) -> Any:
@@ -75,11 +78,15 @@ class AirflowEnv:
         db_url: the metadata DB's SQLAlchemy URL.
     """
 
-    def __init__(self, home: Path, env: dict[str, str], api_port: int, db_url: str) -> None:
+    def __init__(
+        self, home: Path, env: dict[str, str], api_port: int, db_url: str, host: Any = None
+    ) -> None:
         self.home = home
         self.env = env
         self.api_port = api_port
-        self.api_url = f"http://127.0.0.1:{api_port}"
+        self.host = host
+        self.ip = host.ip if host is not None else "127.0.0.1"
+        self.api_url = f"http://{self.ip}:{api_port}"
         self.db_url = db_url
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self._runs: dict[str, str] = {}
@@ -89,7 +96,8 @@ class AirflowEnv:
 
     def cli(self, *args: str, timeout: float = 180, check: bool = True) -> str:
         """Run ``airflow ARGS`` with this deployment's environment; returns stdout."""
-        proc = subprocess.run(
+        run = self.host.run if self.host is not None else subprocess.run
+        proc = run(
             [_airflow_bin(), *args],
             env=self.env,
             capture_output=True,
@@ -107,9 +115,10 @@ class AirflowEnv:
         """Start the components as children in their own process groups."""
         logs = self.home / "logs"
         logs.mkdir(parents=True, exist_ok=True)
+        popen = self.host.popen if self.host is not None else subprocess.Popen
         for name in components:
             out = open(logs / f"{name}.out", "ab")
-            self.procs[name] = subprocess.Popen(
+            self.procs[name] = popen(
                 [_airflow_bin(), name],
                 env=self.env,
                 stdout=out,
@@ -118,8 +127,29 @@ class AirflowEnv:
                 start_new_session=True,
             )
             out.close()
-        _wait(lambda: _port_open(self.api_port) or self._dead(), 180, "the Airflow API server")
+        _wait(lambda: self._api_up() or self._dead(), 180, "the Airflow API server")
         self.check_alive()
+
+    def _api_up(self) -> bool:
+        return self._call(lambda: _port_open(self.api_port, self.ip))
+
+    def _call(self, fn: Any) -> Any:
+        """``fn()``, inside the deployment's host when it has one (its address is there)."""
+        return self.host.call(fn) if self.host is not None else fn()
+
+    def celery_worker(self, host: Any, name: str, env: Mapping[str, str] | None = None) -> Any:
+        """Start ``airflow celery worker`` (one task at a time) on test host ``host``."""
+        logs = self.home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with open(logs / f"worker-{name}.out", "ab") as out:
+            proc = host.popen(
+                [_airflow_bin(), "celery", "worker", "--concurrency", "1",
+                 "--celery-hostname", f"{name}@%h", "--skip-serve-logs"],
+                env={**self.env, **dict(env or {})}, stdout=out, stderr=subprocess.STDOUT,
+                cwd=self.home, start_new_session=True,
+            )  # fmt: skip
+        self.procs[f"worker-{name}"] = proc
+        return proc
 
     def _dead(self) -> list[str]:
         return [n for n, p in self.procs.items() if p.poll() is not None]
@@ -161,10 +191,13 @@ class AirflowEnv:
         """Run a read-only SQL query on the metadata DB."""
         import sqlalchemy as sa
 
-        if self._engine is None:
-            self._engine = sa.create_engine(self.db_url)
-        with self._engine.connect() as c:
-            return [dict(r._mapping) for r in c.execute(sa.text(sql), params)]
+        def run() -> list[dict[str, Any]]:
+            if self._engine is None:
+                self._engine = sa.create_engine(self.db_url)
+            with self._engine.connect() as c:
+                return [dict(r._mapping) for r in c.execute(sa.text(sql), params)]
+
+        return self._call(run)
 
     def wait_parsed(self, *dag_ids: str, timeout: float = 180) -> None:
         """Wait until the DAG processor has serialised every DAG in ``dag_ids``."""
@@ -226,8 +259,21 @@ class AirflowEnv:
         return "\n".join(parts)
 
 
-def _config(home: Path, api_port: int, db_url: str, heartbeat_timeout: float, dags: Path) -> dict:
+def _config(
+    home: Path, api_port: int, db_url: str, heartbeat_timeout: float, dags: Path,
+    ip: str = "127.0.0.1", celery_broker: str | None = None,
+) -> dict:  # fmt: skip
     a = "AIRFLOW__"
+    celery = {}
+    if celery_broker:
+        celery = {
+            f"{a}CORE__EXECUTOR": "CeleryExecutor",
+            f"{a}CELERY__BROKER_URL": celery_broker,
+            f"{a}CELERY__RESULT_BACKEND": "db+" + db_url,
+            f"{a}CELERY__WORKER_CONCURRENCY": "1",
+            f"{a}CELERY__WORKER_PREFETCH_MULTIPLIER": "1",
+            f"{a}CELERY__SYNC_PARALLELISM": "1",
+        }
     return {
         "AIRFLOW_HOME": str(home),
         f"{a}CORE__DAGS_FOLDER": str(dags),
@@ -235,15 +281,15 @@ def _config(home: Path, api_port: int, db_url: str, heartbeat_timeout: float, da
         f"{a}CORE__EXECUTOR": "LocalExecutor",
         f"{a}CORE__PARALLELISM": "4",
         f"{a}CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
-        f"{a}CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
+        f"{a}CORE__EXECUTION_API_SERVER_URL": f"http://{ip}:{api_port}/execution/",
         f"{a}CORE__FERNET_KEY": "",
         f"{a}CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
         f"{a}CORE__KILLED_TASK_CLEANUP_TIME": "5",
         f"{a}DATABASE__SQL_ALCHEMY_CONN": db_url,
         f"{a}DATABASE__CHECK_MIGRATIONS": "False",
-        f"{a}API__HOST": "127.0.0.1",
+        f"{a}API__HOST": ip,
         f"{a}API__PORT": str(api_port),
-        f"{a}API__BASE_URL": f"http://127.0.0.1:{api_port}",
+        f"{a}API__BASE_URL": f"http://{ip}:{api_port}",
         f"{a}API__WORKERS": "1",
         f"{a}API__SECRET_KEY": secrets.token_hex(16),
         f"{a}API_AUTH__JWT_SECRET": secrets.token_hex(32),
@@ -264,8 +310,9 @@ def _config(home: Path, api_port: int, db_url: str, heartbeat_timeout: float, da
         f"{a}LOGGING__TRIGGER_LOG_SERVER_PORT": str(_free_port()),
         f"{a}LOGGING__COLORED_CONSOLE_LOG": "False",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-        "NO_PROXY": "127.0.0.1,localhost",
-        "no_proxy": "127.0.0.1,localhost",
+        "NO_PROXY": f"{ip},127.0.0.1,localhost",
+        "no_proxy": f"{ip},127.0.0.1,localhost",
+        **celery,
     }
 
 
@@ -278,6 +325,8 @@ def airflow_env(
     db_url: str | None = None,
     heartbeat_timeout: float = 300,
     components: tuple[str, ...] = COMPONENTS,
+    host: Any = None,
+    celery_broker: str | None = None,
 ) -> Iterator[AirflowEnv]:
     """Migrate a fresh metadata DB and run scheduler, API server and DAG processor.
 
@@ -289,19 +338,25 @@ def airflow_env(
         heartbeat_timeout: ``[scheduler] task_instance_heartbeat_timeout`` in seconds: how
             long a task whose supervisor vanished stays ``running`` before it is retried.
         components: which Airflow commands to start.
+        host: a :class:`~faultkit.testing.Host` to run the components on (they listen on its
+            address; this process reaches them, and the DB, through its namespace).
+        celery_broker: a broker URL: run the ``CeleryExecutor`` (the result backend is the
+            metadata DB, which must then be PostgreSQL); start workers with
+            :meth:`AirflowEnv.celery_worker`.
 
     Yields:
         The running :class:`AirflowEnv`; everything is stopped on exit.
     """
     home = Path(tmpdir).resolve()
     home.mkdir(parents=True, exist_ok=True)
-    api_port = _free_port()
+    api_port = 8080 if host is not None else _free_port()
     db_url = db_url or f"sqlite:///{home / 'airflow.db'}"
     dags = Path(dags_folder) if dags_folder else REPO / "dags"
     full = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW__", "AIRFLOW_CONN_"))}
-    full.update(_config(home, api_port, db_url, heartbeat_timeout, dags))
+    ip = host.ip if host is not None else "127.0.0.1"
+    full.update(_config(home, api_port, db_url, heartbeat_timeout, dags, ip, celery_broker))
     full.update(env or {})
-    af = AirflowEnv(home, full, api_port, db_url)
+    af = AirflowEnv(home, full, api_port, db_url, host)
     af.cli("db", "migrate", timeout=300)
     try:
         af.start(components)

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["MotoS3Server", "PostgresServer", "free_port", "wait_until"]
 
@@ -37,10 +38,10 @@ def wait_until(
         time.sleep(interval)
 
 
-def _port_open(port: int) -> bool:
+def _port_open(port: int, ip: str = "127.0.0.1") -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
-        return s.connect_ex(("127.0.0.1", port)) == 0
+        return s.connect_ex((ip, port)) == 0
 
 
 class MotoS3Server:
@@ -110,11 +111,14 @@ class PostgresServer:
     """A throwaway PostgreSQL server: ``initdb`` in a temp dir, loopback port, trust auth.
 
     Runs as the ``postgres`` system user when started as root (PostgreSQL refuses root).
-    ``available()`` says whether the binaries are installed.
+    ``available()`` says whether the binaries are installed. ``host``: a
+    :class:`~faultkit.testing.Host` to run it on (it listens on the host's address, port 5432).
     """
 
-    def __init__(self) -> None:
-        self.port = free_port()
+    def __init__(self, *, host: Any = None) -> None:
+        self.host = host
+        self.ip = host.ip if host is not None else "127.0.0.1"
+        self.port = 5432 if host is not None else free_port()
         self.dir = ""
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -134,7 +138,7 @@ class PostgresServer:
 
     @property
     def url(self) -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+        return f"postgresql+psycopg://postgres@{self.ip}:{self.port}/postgres"
 
     def _as_pg(self, cmd: list[str]) -> list[str]:
         if os.geteuid() == 0:
@@ -157,7 +161,11 @@ class PostgresServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        self.proc = subprocess.Popen(
+        if self.host is not None:  # clients come from the other test hosts' addresses
+            with open(os.path.join(data, "pg_hba.conf"), "a") as f:
+                f.write(f"host all all {self.ip.rsplit('.', 1)[0]}.0/24 trust\n")
+        popen = self.host.popen if self.host is not None else subprocess.Popen
+        self.proc = popen(
             self._as_pg(
                 [
                     _pg_bin("postgres"),
@@ -166,7 +174,7 @@ class PostgresServer:
                     "-p",
                     str(self.port),
                     "-h",
-                    "127.0.0.1",
+                    self.ip,
                     "-k",
                     self.dir,
                     "-c",
@@ -179,9 +187,13 @@ class PostgresServer:
             stderr=subprocess.DEVNULL,
             start_new_session=True,
         )
-        wait_until(
-            lambda: _port_open(self.port) or self.proc.poll() is not None, 60, "PostgreSQL start"
-        )
+
+        def up() -> bool:
+            if self.host is not None:
+                return self.host.call(lambda: _port_open(self.port, self.ip))
+            return _port_open(self.port)
+
+        wait_until(lambda: up() or self.proc.poll() is not None, 60, "PostgreSQL start")
         if self.proc.poll() is not None:
             raise RuntimeError(f"PostgreSQL exited at start (data dir {data})")
         return self
