@@ -128,6 +128,16 @@ class Stage:
                 raise  # a folder above the log is a link: nothing here can be read
             return b""  # the record itself is a link: damage
 
+    def _read_one_and_present(self, seq: int, names: list[str]) -> tuple[bytes | None, set[str]]:
+        """:meth:`_read_one` of ``seq`` and which of ``names`` exist in the log, together."""
+        path = self._path(seq)
+        try:
+            return self._storage.read_and_present(path, self._dir, names)
+        except LinkRefusedError as exc:
+            if exc.path != path:
+                raise
+            return b"", self._storage.present(self._dir, names)  # a link record: damage
+
     def _fold(self, seq: int, data: bytes) -> bool:
         """Apply record ``seq``; False when its link shows the record before it is forged
         (the view must then be rebuilt without it)."""
@@ -252,6 +262,7 @@ class Stage:
         if v.damaged or v.suspect or self._lazy:
             return  # damage is kept in the open, where verify reports it
         seq = v.cursor + 1
+        before = v.base
         data = v.summary()
         name = f"sum-{seq_name(seq)}-{uuid.uuid4().hex[:8]}"
         path = f"{self._dir}/{name}"
@@ -269,8 +280,31 @@ class Stage:
             with contextlib.suppress(FileExistsError):
                 self._storage.create(f"{self._dir}/head-{seq_name(seq)}", b"", durable=False)
             log.debug("stage %s: compacted %d records into %s", self.key, seq - 1, name)
+            self._sweep_summaries(before, seq)
         except Exception as exc:  # the next commit tries again
             log.warning("stage %s: could not compact its log (%s)", self.key, exc)
+
+    def _sweep_summaries(self, base: int, seq: int) -> None:
+        """Remove the summaries that compactions after ``base`` wrote but never named: their
+        compactor lost the position to another record, or died before writing its base.
+        A summary is an orphan once its position holds a record that does not name it (a
+        compactor still running then loses that position and removes its own); a summary
+        whose position is still free is kept."""
+        names = self._storage.list_from(self._dir, after=f"sum-{seq_name(base)}", prefix="sum-")
+        for name in names:
+            parts = name.split("-")
+            if len(parts) != 3 or not parts[1].isdigit() or not base < int(parts[1]) < seq:
+                continue
+            data = self._read_one(int(parts[1]))
+            try:
+                body = decode(data) if data else None
+            except CorruptCheckpointError:
+                continue  # damage stays in the open, where verify reports it
+            if body is None or (body.get("t") == "base" and body.get("sum") == name):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                self._storage.delete(f"{self._dir}/{name}")
+            log.info("stage %s: removed summary %s, which no record names", self.key, name)
 
     def refresh(self) -> None:
         """Read records written by other processes since the last read."""
@@ -314,15 +348,16 @@ class Stage:
         """
         succ = seq_name(seq + 1)
         if seq > 1 and prev:  # reading the predecessor also shows it exists
-            before = self._read_one(seq - 1)
+            before, have = self._read_one_and_present(seq - 1, [succ])
             if before is None:
                 return "the stage was deleted or its log was reset"
             if digest(before) != prev:
                 return "the record before it is not the one this attempt read (the log was reset)"
-        names = [succ] + ([seq_name(seq - 1)] if seq > 1 and not prev else [])
-        have = self._storage.present(self._dir, names)
-        if len(names) > 1 and names[1] not in have:
-            return "the stage was deleted or its log was reset"
+        else:
+            names = [succ] + ([seq_name(seq - 1)] if seq > 1 else [])
+            have = self._storage.present(self._dir, names)
+            if len(names) > 1 and names[1] not in have:
+                return "the stage was deleted or its log was reset"
         if succ in have:
             data = self._read_one(seq + 1)
             try:

@@ -164,6 +164,17 @@ class Storage(ABC):
         """Names of the folders directly under ``path``, sorted."""
         return [n for n in self.list(path) if self.list(f"{path}/{n}" if path else n)]
 
+    def read_and_present(
+        self, path: str, folder: str, names: list[str]
+    ) -> tuple[bytes | None, set[str]]:
+        """``read(path)`` (None when absent) and ``present(folder, names)``; a backend with
+        round trips does both at once (a commit's checks of its neighbours)."""
+        try:
+            data: bytes | None = self.read(path)
+        except FileNotFoundError:
+            data = None
+        return data, self.present(folder, names)
+
     def present(self, folder: str, names: list[str]) -> set[str]:
         """Which of ``names`` exist as objects directly under ``folder``."""
         out = set()

@@ -19,7 +19,7 @@ import difflib
 import errno
 import logging
 from collections.abc import Iterator
-from typing import IO, Any, NoReturn
+from typing import IO, Any, ClassVar, NoReturn
 from urllib.parse import urlsplit
 
 from ._errors import StoreConfigError, StoreUnavailableError
@@ -214,16 +214,20 @@ class FsspecStorage(Storage):
         except self._errors as exc:
             self._raise_write(path, exc)
 
+    # s3fs reads an object with more concurrency than one by asking its size first (a HEAD,
+    # then the GET): one request more for every record. Records are small: one GET each.
+    _ONE_GET: ClassVar[dict[str, int]] = {"max_concurrency": 1}
+
     def read(self, path: str) -> bytes:
         with self._reading():
-            return self.fs.cat_file(self._abs(path))
+            return self.fs.cat_file(self._abs(path), **self._ONE_GET)
 
     def read_many(self, paths: list[str]) -> dict[str, bytes | None]:
         if not paths:
             return {}
         full = {self._abs(p): p for p in paths}
         with self._reading():
-            got = self.fs.cat(list(full), on_error="return")
+            got = self.fs.cat(list(full), on_error="return", **self._ONE_GET)
         out: dict[str, bytes | None] = {}
         for f, p in full.items():
             v = got.get(f)
@@ -350,6 +354,35 @@ class FsspecStorage(Storage):
             if window is not None:
                 return self._list_window(folder, names, window)
             return self._head_names(folder, names)
+
+    def read_and_present(
+        self, path: str, folder: str, names: list[str]
+    ) -> tuple[bytes | None, set[str]]:
+        """The GET and the HEADs in one round trip (concurrent requests)."""
+        names = sorted(set(names))
+        if _seq_window(names) is not None:  # a LIST answers these: the base's two steps
+            return super().read_and_present(path, folder, names)
+        keys = [self._prefix(folder) + check_rel(n) for n in names]
+
+        async def cat() -> bytes | None:
+            try:
+                return await self.fs._cat_file(self._abs(path), **self._ONE_GET)
+            except FileNotFoundError:
+                return None
+
+        async def both() -> list[Any]:
+            # Every request finishes before an error is raised: none is left unobserved.
+            got = await asyncio.gather(
+                cat(), *(self._head(k) for k in keys), return_exceptions=True
+            )
+            for g in got:
+                if isinstance(g, BaseException):
+                    raise g
+            return got
+
+        with self._reading():
+            data, *heads = self._run(both)
+        return data, {n for n, h in zip(names, heads, strict=True) if h is not None}
 
     def info(self, path: str) -> ObjectInfo:
         # A HEAD of the key itself: one request, and a "folder" (a prefix, or SeaweedFS's

@@ -263,6 +263,33 @@ def test_present_of_log_neighbours_is_one_request(s3_store_url):
     assert sent == ["GET", "GET"]
 
 
+def test_read_and_present_is_one_round_trip(s3_store_url):
+    """A commit's checks after its PUT (read the predecessor, ask for the successor) go out
+    together: both requests are sent before either answer is handled."""
+    url, opts = s3_store_url
+    s = _storage(url, opts)
+    for n in range(1, 4):
+        s.create(f"log/{n:012d}", f"r{n}".encode())
+    s._run(s.fs.set_session)
+    seen: list[str] = []
+    events = s.fs.s3.meta.events
+    events.register("before-send.s3", lambda request, **kw: seen.append(f"send {request.method}"))
+    events.register("after-call.s3", lambda **kw: seen.append("answer"))
+    got = s.read_and_present("log/000000000002", "log", ["000000000003"])
+    assert got == (b"r2", {"000000000003"})
+    assert sorted(seen[:2]) == ["send GET", "send HEAD"] and seen[2:] == ["answer", "answer"], seen
+    seen.clear()
+    assert s.read("log/000000000001") == b"r1"  # one request: no HEAD for the size first
+    assert s.read_many(["log/000000000001", "log/000000000003"]) == {
+        "log/000000000001": b"r1",
+        "log/000000000003": b"r3",
+    }
+    assert [x for x in seen if x.startswith("send")] == ["send GET"] * 3, seen
+    seen.clear()
+    assert s.read_and_present("log/000000000009", "log", ["000000000010"]) == (None, set())
+    assert len(seen) == 4 and seen[2:] == ["answer", "answer"]
+
+
 def test_info_and_subdirs(s3_store_url):
     """info() gives size and an identity that changes when the object is replaced, and a
     folder is not an object; subdirs() lists folders, not objects."""

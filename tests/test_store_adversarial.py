@@ -25,7 +25,7 @@ from faultkit import (
     key,
 )
 from faultkit._keys import MAX_KEY, key_parts
-from faultkit._log import encode
+from faultkit._log import decode, encode
 from faultkit._stage import Stage
 
 
@@ -606,6 +606,34 @@ def test_delete_removes_summaries_and_keeps_zombies_fenced(backend):
         held.done("after-delete")
     with store.stage(k) as again:
         assert again.epoch > held._epoch and not again.results()
+
+
+def test_compaction_removes_summaries_that_no_record_names(backend):
+    """A compactor that died between its summary and its base record leaves the summary
+    behind; once another record holds that position, the next compaction removes it. A
+    summary whose position is still free (its compactor may yet name it) is kept."""
+    url, opts = backend
+    store = CheckpointStore(url, **{**opts, "compact_every": 16})
+    k = "cmp/orphans"
+    st = store.stage(k).claim()
+    for u in range(5):
+        st.done(u)
+    cursor = store.read_view(k).cursor
+    dead = f"sum-{cursor + 1:012d}-deadbeef"  # the next position goes to a plain commit
+    ahead = f"sum-{cursor + 500:012d}-cafe0000"
+    for name in (dead, ahead):
+        store._storage.create(f"{k}/@log/{name}", b"left by a compactor that died")
+    for u in range(5, 40):
+        st.done(u)
+    sums = [n for n in store._storage.list(f"{k}/@log") if n.startswith("sum-")]
+    assert dead not in sums and ahead in sums, sums
+    named = [n for n in sums if n != ahead]
+    assert len(named) >= 2
+    for n in named:  # every other summary is the one its base record names
+        body = decode(store._storage.read(f"{k}/@log/{n.split('-')[1]}"))
+        assert body["t"] == "base" and body["sum"] == n, (n, body)
+    view = CheckpointStore(url, **opts).read_view(k)
+    assert not view.damaged and set(view.units) == {f"i:{u}" for u in range(40)}
 
 
 @pytest.mark.parametrize("value", [True, 3, -1, "500", 1.5])

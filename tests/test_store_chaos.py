@@ -131,7 +131,7 @@ def test_random_kills(tmp_path):
     backend = (f"file://{tmp_path}/store", {})
     out = tmp_path / "out.log"
     k = "chaos/random"
-    units = 400
+    units = 800  # enough work that 30 kills land before it is done, even on a fast disk
     args = [
         "work",
         "--key",
