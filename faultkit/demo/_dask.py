@@ -6,13 +6,15 @@ executing a task, the scheduler reschedules the task and it resumes from its sta
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
+from .._errors import StaleAttemptError
 from .._events import Event
 from ..testing._dask import kill_worker_running
 from ._etl import etl_partition
@@ -40,17 +42,32 @@ def etl_task(
     stage: Any,
 ) -> dict[str, Any]:
     """One ETL partition as a Dask task (wrapped with ``resumable``)."""
-    append_journal(journal, f"attempt {partition} {stage.epoch}")
-    return etl_partition(
-        stage,
-        partition,
-        sink_url,
-        rows=rows,
-        chunk=chunk,
-        seed=seed,
-        unit_delay=unit_delay,
-        on_unit=lambda u: append_journal(journal, f"etl {partition} {u}"),
-    )
+    with _attempt(journal, str(partition), stage):
+        return etl_partition(
+            stage,
+            partition,
+            sink_url,
+            rows=rows,
+            chunk=chunk,
+            seed=seed,
+            unit_delay=unit_delay,
+            on_unit=lambda u: append_journal(journal, f"etl {partition} {u}"),
+        )
+
+
+@contextlib.contextmanager
+def _attempt(journal: str | None, what: str, stage: Any) -> Iterator[None]:
+    """Journal one attempt: ``attempt``, then ``end`` or ``fenced``, each with the epoch, the
+    host (``FAULTKIT_DEMO_HOST``, set on test hosts) and the wall-clock time."""
+    host = os.environ.get("FAULTKIT_DEMO_HOST", "-")
+    epoch = stage.epoch
+    append_journal(journal, f"attempt {what} {epoch} {host} {time.time():.3f}")
+    try:
+        yield
+    except StaleAttemptError:
+        append_journal(journal, f"fenced {what} {epoch} {host} {time.time():.3f}")
+        raise
+    append_journal(journal, f"end {what} {epoch} {host} {time.time():.3f}")
 
 
 def train_task(
@@ -65,13 +82,13 @@ def train_task(
     """The training stage as a Dask task; returns the sha256 of the final weights."""
     from ._train import train
 
-    append_journal(journal, f"attempt train {stage.epoch}")
     extra: dict[str, Any] = {}
     if journal:
         extra["on_step"] = lambda s: append_journal(journal, f"step {s}")
-    return train(
-        stage, steps=steps, every_steps=every_steps, seed=seed, step_delay=step_delay, **extra
-    )
+    with _attempt(journal, "train", stage):
+        return train(
+            stage, steps=steps, every_steps=every_steps, seed=seed, step_delay=step_delay, **extra
+        )
 
 
 def run_etl_on_dask(

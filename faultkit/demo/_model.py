@@ -24,6 +24,7 @@ class DemoConfig:
     every_steps: int = 10
     step_delay: float = 0.03
     workers: int = 2
+    hosts: int = 0  # worker hosts (network namespaces); 0: one machine
     store_url: str = ""
     sink_url: str = ""
     alert_urls: list[str] = field(default_factory=list)
@@ -46,6 +47,7 @@ class StageOutcome:
     content_equal: bool | None = None
     weights_equal: bool | None = None
     recover_seconds: list[float] = field(default_factory=list)
+    fenced: int = 0  # writes of a stale attempt (a zombie) refused
     seconds: float = 0.0
     timeline: list[dict[str, Any]] = field(default_factory=list)  # {t, event, detail}
 

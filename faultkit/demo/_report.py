@@ -29,6 +29,7 @@ def print_tables(console: Console, stages: list[StageOutcome], report: dict[str,
         "duplicates",
         "same content",
         "weights match",
+        "zombie writes fenced",
         "ok",
     ):
         t.add_column(col, justify="right" if col != "stage" else "left")
@@ -44,6 +45,7 @@ def print_tables(console: Console, stages: list[StageOutcome], report: dict[str,
             "-" if s.duplicates is None else str(s.duplicates),
             _yn(s.content_equal),
             _yn(s.weights_equal),
+            str(s.fenced),
             _yn(s.ok),
         )
     console.print(t)
@@ -75,7 +77,8 @@ def write_report(out_dir: str, report: dict[str, Any]) -> str:
 
 
 def write_timeline(out_dir: str, stages: list[StageOutcome]) -> str | None:
-    """A PNG: one row per stage, a bar per attempt, a red mark per kill."""
+    """A PNG: one row per stage, a bar per attempt, a red mark per kill; with hosts (events
+    carrying ``host``), one row per host instead."""
     try:
         import matplotlib
 
@@ -83,6 +86,8 @@ def write_timeline(out_dir: str, stages: list[StageOutcome]) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    if any("host" in ev for s in stages for ev in s.timeline):
+        return _host_timeline(plt, out_dir, stages)
     fig, ax = plt.subplots(figsize=(10, 1.2 + 0.8 * len(stages)))
     for row, s in enumerate(stages):
         for ev in s.timeline:
@@ -101,6 +106,58 @@ def write_timeline(out_dir: str, stages: list[StageOutcome]) -> str | None:
     ax.set_yticks(range(len(stages)), [s.name for s in stages])
     ax.set_xlabel("seconds since the stage started")
     ax.set_title("attempts (red: SIGKILLed, green: finished), x: kill")
+    fig.tight_layout()
+    path = os.path.join(out_dir, "timeline.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+_STAGE_COLORS = ("#5b9bd5", "#f0ad4e", "#5cb85c", "#9b59b6")
+
+
+def _host_timeline(plt: Any, out_dir: str, stages: list[StageOutcome]) -> str:
+    """One row per host; the stages side by side on one time axis (each after the last)."""
+    hosts = sorted({ev["host"] for s in stages for ev in s.timeline if "host" in ev})
+    row = {h: i for i, h in enumerate(hosts)}
+    fig, ax = plt.subplots(figsize=(11, 1.4 + 0.6 * len(hosts)))
+    offset = 0.0
+    for n, s in enumerate(stages):
+        color = _STAGE_COLORS[n % len(_STAGE_COLORS)]
+        ends = [offset]
+        kills = {ev["host"]: ev["t"] for ev in s.timeline if ev["event"] == "kill"}
+        for ev in s.timeline:
+            if "host" not in ev:
+                continue
+            t, y = offset + ev["t"], row[ev["host"]]
+            if ev["event"] == "attempt":
+                stop = ev.get("end")
+                if stop is None:  # it never ended: its host was lost
+                    killed = kills.get(ev["host"])
+                    stop = killed if killed is not None and killed >= ev["t"] else s.seconds
+                end = offset + stop
+                ends.append(end)
+                lost = ev.get("fenced") or ev.get("end") is None
+                ax.barh(y, end - t, left=t, color="#d9534f" if lost else color, alpha=0.7,
+                        edgecolor="black")  # fmt: skip
+            elif ev["event"] == "kill":
+                ax.plot(t, y, "kx", markersize=12, mew=2)
+            elif ev["event"] in ("cut", "heal"):
+                ax.plot(t, y, "|", color="k", markersize=22, mew=2 if ev["event"] == "cut" else 1)
+                ax.annotate(ev["event"], (t, y + 0.3), fontsize=8, ha="center")
+        ax.barh(0, 0, color=color, label=s.name)  # for the legend
+        ax.annotate(s.name, (offset, len(hosts) - 0.4), fontsize=9, color=color, weight="bold")
+        offset = max([*ends, offset + s.seconds]) + 1.0
+    ax.barh(0, 0, color="#d9534f", label="fenced, or lost with its host")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.set_yticks(range(len(hosts)), hosts)
+    ax.set_ylim(-0.6, len(hosts) - 0.2)
+    ax.set_xlim(left=0)
+    ax.set_xlabel("seconds (ETL, then training)")
+    ax.set_title(
+        "attempts per worker host (red: cut off and fenced, or lost with its host); "
+        "x: host SIGKILLed"
+    )
     fig.tight_layout()
     path = os.path.join(out_dir, "timeline.png")
     fig.savefig(path, dpi=100)
