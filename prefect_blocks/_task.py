@@ -132,11 +132,11 @@ def _first_try() -> bool:
     return tr.run_count <= 1 and 0 < (tr.flow_run_run_count or 0) <= 1
 
 
-def _superseded(flow_run_id: Any, run_count: int, wait: float) -> str:
+def _superseded(flow_run_id: Any, run_count: int, state_id: Any, wait: float) -> str:
     """Why the server no longer counts this process as the flow run's runner ("" while it
-    does): a newer run of the flow run started, or it is no longer ``Running``. An
-    unreachable server is asked again until ``wait`` seconds pass, then counts as
-    superseded: it has stopped getting this process's heartbeats too."""
+    does): a newer run of the flow run started, or its state is no longer the ``Running``
+    state this process set. An unreachable server is asked again until ``wait`` seconds
+    pass, then counts as superseded: it has stopped getting this process's heartbeats too."""
     from prefect import get_client
 
     deadline = time.monotonic() + wait
@@ -156,6 +156,8 @@ def _superseded(flow_run_id: Any, run_count: int, wait: float) -> str:
             return f"run {fr.run_count} of the flow run started ({state})"
         if state != "RUNNING":
             return f"the flow run is {state}"
+        if state_id is not None and fr.state is not None and fr.state.id != state_id:
+            return "another process set its Running state"
         return ""
 
 
@@ -178,7 +180,8 @@ def _stop_if_superseded(err: Exception) -> None:
     fr = ctx.flow_run if ctx is not None else None
     if fr is None or os.environ.get("PREFECT__FLOW_RUN_ID") != str(fr.id):
         return  # the flow runs in the caller's own process: never exit it
-    why = _superseded(fr.id, int(fr.run_count or 0), SUPERSEDED_WAIT)
+    mine = getattr(fr.state, "id", None)  # the engine keeps the state it set here
+    why = _superseded(fr.id, int(fr.run_count or 0), mine, SUPERSEDED_WAIT)
     if not why:
         return
     log.error(

@@ -235,6 +235,44 @@ def test_failure_midway_is_retried_and_resumes(tmp_path):
     assert CALLS == [("b1", u) for u in range(5)]  # every unit ran exactly once
 
 
+def test_fenced_write_of_the_current_run_raises_and_never_exits(tmp_path, monkeypatch):
+    """A fenced write in a process that is still its flow run's runner (here two tasks
+    share a key=) is an ordinary failure: asked, the server says this process's run is the
+    current one, so it raises StaleAttemptError instead of stopping the process quietly as
+    a superseded zombie would (tests/cluster/test_prefect_hosts.py). The flow-run id is set
+    in the environment, as a worker sets it, so the server is really asked."""
+    from prefect.context import FlowRunContext
+
+    from faultkit import StaleAttemptError
+    from prefect_blocks import _task
+
+    asked = []
+    real = _task._superseded
+    monkeypatch.setattr(_task, "_superseded", lambda *a: asked.append(real(*a)) or asked[-1])
+
+    def no_exit(code: int) -> None:  # a wrong verdict would end pytest itself, with 0
+        raise AssertionError(f"the flow-run process would have exited ({code})")
+
+    monkeypatch.setattr(_task.os, "_exit", no_exit)
+    store = CheckpointStore(f"file://{tmp_path}")
+
+    @resumable_task(store=f"file://{tmp_path}", key="shared/stage", retries=0)
+    def work(stage) -> int:
+        monkeypatch.setenv("PREFECT__FLOW_RUN_ID", str(FlowRunContext.get().flow_run.id))
+        stage.done("first")
+        store.stage("shared/stage").claim()  # another attempt takes the stage over
+        stage.done("second")  # fenced
+        return 1
+
+    @flow
+    def pipeline() -> int:
+        return work()
+
+    with pytest.raises(StaleAttemptError):
+        pipeline()
+    assert asked == [""]  # the server was asked, and this run was still the current one
+
+
 def test_each_flow_run_runs_its_bodies_and_a_named_scope_reuses(tmp_path):
     """Results are reused within a flow run only: two runs of one flow with the same (or
     no) parameters both run their task bodies; a task given a wider scope (key=) reuses its
