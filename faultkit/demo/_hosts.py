@@ -12,11 +12,10 @@ host is lost: every process in it is SIGKILLed. The timeline PNG has one row per
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 from .._events import Event
@@ -108,15 +107,9 @@ def run_demo(
         with SeaweedS3Server(host=store_host) as s3, AlertReceiver(host=sched) as receiver:
             s3.make_bucket(BUCKET)
             store_url = f"s3://{BUCKET}/store"
-            creds = {
-                "AWS_ACCESS_KEY_ID": s3.access_key,
-                "AWS_SECRET_ACCESS_KEY": s3.secret_key,
-                "AWS_DEFAULT_REGION": s3.region,
-                "AWS_ENDPOINT_URL": s3.endpoint,
-            }
             env = {
                 **os.environ,
-                **creds,
+                **s3.aws_env(),  # the workers open the store from its URL alone
                 # A silent partition is noticed when heartbeats stop (TTL) and the connection
                 # times out; the defaults (5 min, 30 s) are for real networks.
                 "DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL": "4s",
@@ -137,8 +130,7 @@ def run_demo(
                          "--no-dashboard", "--name", w.name],
                         stdout=out, stderr=out, env={**env, "FAULTKIT_DEMO_HOST": w.name},
                     )  # fmt: skip
-            with _environ(creds):
-                result = sched.call(lambda: _drive(cfg, net, sched, workers, addr, store_url, log))
+            result = sched.call(lambda: _drive(cfg, net, sched, workers, addr, store_url, log))
             try:
                 receiver.wait_for(2, timeout=60)
             except TimeoutError:
@@ -147,26 +139,28 @@ def run_demo(
     return result
 
 
-@contextlib.contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def _host_running(client: Any, keys: list[str], workers: list[Any], what: str) -> Any:
+    """The worker host processing one of ``keys``, waited for up to 60 s."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        for addr, running in client.processing().items():
+            if set(keys) & set(running):
+                host = next((w for w in workers if f"//{w.ip}:" in addr), None)
+                if host is not None:
+                    return host
+        time.sleep(0.05)
+    raise RuntimeError(f"no worker host was running {what}")
 
 
-def _host_of(client: Any, key: str, workers: list[Any]) -> Any:
-    """The worker host now processing ``key`` (None if none is)."""
-    for addr, keys in client.processing().items():
-        if key in keys:
-            return next((w for w in workers if f"//{w.ip}:" in addr), None)
-    return None
+def _attempts(out: StageOutcome, journal: str, t0_wall: float, t_fault: float, host: Any) -> None:
+    """Add the stage's attempts (from its journal) to its timeline, and how long after the
+    fault at ``t_fault`` (seconds into the stage) it ran again on a host other than ``host``."""
+    bars = _attempt_bars(journal, out.name, t0_wall)
+    rerun = [b["t"] for b in bars if b["host"] != host.name and b["t"] > t_fault]
+    if rerun:
+        out.recover_seconds.append(round(min(rerun) - t_fault, 3))
+    out.attempts = journal_count(journal, "attempt ")
+    out.timeline += bars
 
 
 def _drive(
@@ -191,13 +185,7 @@ def _drive(
             lambda: journal_count(etl_journal, "etl ") >= CUT_AFTER_UNITS * cfg.partitions,
             180, "the ETL partitions to start", 0.05,
         )  # fmt: skip
-        victim = None
-        deadline = time.monotonic() + 60
-        while victim is None and time.monotonic() < deadline:
-            victim = next((h for f in futs if (h := _host_of(client, f.key, workers))), None)
-            time.sleep(0.05)
-        if victim is None:
-            raise RuntimeError("no worker host was running an ETL partition to cut off")
+        victim = _host_running(client, [f.key for f in futs], workers, "an ETL partition")
         t_cut = time.monotonic()
         net.cut(sched, victim)
         etl.kills += 1
@@ -218,13 +206,8 @@ def _drive(
         )  # fmt: skip
         etl.units_total = cfg.partitions * ((cfg.rows + cfg.chunk - 1) // cfg.chunk)
         etl.units_redone = journal_count(etl_journal, "etl ") - etl.units_total
-        etl.attempts = journal_count(etl_journal, "attempt ")
         etl.fenced = journal_count(etl_journal, "fenced ")
-        bars = _attempt_bars(etl_journal, "etl", t0_wall)
-        rerun = [b["t"] for b in bars if b["host"] != victim.name and b["t"] > t_cut - t0]
-        if rerun:
-            etl.recover_seconds.append(round(min(rerun) - (t_cut - t0), 3))
-        etl.timeline += bars
+        _attempts(etl, etl_journal, t0_wall, t_cut - t0, victim)
         again = f"{etl.recover_seconds[0]} s" if etl.recover_seconds else "?"
         log(f"etl: rerun on another host {again} after the cut; zombie writes fenced: {etl.fenced}")
 
@@ -239,13 +222,7 @@ def _drive(
             lambda: journal_count(train_journal, "step ") >= cfg.every_steps + 3,
             300, "training past its first checkpoint", 0.05,
         )  # fmt: skip
-        lost = None
-        deadline = time.monotonic() + 60
-        while lost is None and time.monotonic() < deadline:
-            lost = _host_of(client, fut.key, workers)
-            time.sleep(0.05)
-        if lost is None:
-            raise RuntimeError("no worker host was running the training task")
+        lost = _host_running(client, [fut.key], workers, "the training task")
         t_kill = time.monotonic()
         killed = lost.kill_all()
         train.kills += 1
@@ -258,10 +235,5 @@ def _drive(
         train.seconds = time.monotonic() - t0
         train.units_total = cfg.steps
         train.units_redone = journal_count(train_journal, "step ") - cfg.steps
-        train.attempts = journal_count(train_journal, "attempt ")
-        bars = _attempt_bars(train_journal, "train", t0_wall)
-        rerun = [b["t"] for b in bars if b["host"] != lost.name and b["t"] > t_kill - t0]
-        if rerun:
-            train.recover_seconds.append(round(min(rerun) - (t_kill - t0), 3))
-        train.timeline += bars
+        _attempts(train, train_journal, t0_wall, t_kill - t0, lost)
     return {"etl": etl, "train": train, "digest": digest}

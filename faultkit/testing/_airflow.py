@@ -23,7 +23,6 @@ import json
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,24 +31,14 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from ._services import _port_open, free_port
+
 __all__ = ["AirflowEnv", "airflow_env", "kill_task_process", "local_airflow"]
 
 
 REPO = Path(__file__).resolve().parents[2]
 COMPONENTS = ("scheduler", "api-server", "dag-processor")
 TERMINAL = frozenset({"success", "failed"})
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_open(port: int, ip: str = "127.0.0.1") -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.2)
-        return s.connect_ex((ip, port)) == 0
 
 
 def _wait(cond: Any, timeout: float, what: str, interval: float = 0.2) -> Any:
@@ -306,8 +295,8 @@ def _config(
         f"{a}DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "60",
         f"{a}DAG_PROCESSOR__PRINT_STATS_INTERVAL": "600",
         f"{a}DAG_PROCESSOR__BUNDLE_REFRESH_CHECK_INTERVAL": "1",
-        f"{a}LOGGING__WORKER_LOG_SERVER_PORT": str(_free_port()),
-        f"{a}LOGGING__TRIGGER_LOG_SERVER_PORT": str(_free_port()),
+        f"{a}LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+        f"{a}LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
         f"{a}LOGGING__COLORED_CONSOLE_LOG": "False",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         "NO_PROXY": f"{ip},127.0.0.1,localhost",
@@ -349,7 +338,7 @@ def airflow_env(
     """
     home = Path(tmpdir).resolve()
     home.mkdir(parents=True, exist_ok=True)
-    api_port = 8080 if host is not None else _free_port()
+    api_port = 8080 if host is not None else free_port()
     db_url = db_url or f"sqlite:///{home / 'airflow.db'}"
     dags = Path(dags_folder) if dags_folder else REPO / "dags"
     full = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW__", "AIRFLOW_CONN_"))}

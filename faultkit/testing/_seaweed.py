@@ -128,6 +128,16 @@ class SeaweedS3Server:
             "client_kwargs": {"endpoint_url": self.endpoint, "region_name": self.region},
         }
 
+    def aws_env(self) -> dict[str, str]:
+        """The environment that lets a process find the store from an ``s3://`` URL alone,
+        as on a real cluster (botocore reads these)."""
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": self.region,
+            "AWS_ENDPOINT_URL": self.endpoint,
+        }
+
     def _client(self) -> Any:
         import botocore.config
         import botocore.session

@@ -14,11 +14,11 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from cluster_checks import assert_once_and_fenced, read_events, s3_report
 
 from faultkit.testing import (
     AlertReceiver,
@@ -36,11 +36,6 @@ SCRIPTS = HERE / "scripts"
 BUCKET = "fk-airflow"
 HEARTBEAT_TIMEOUT = 10
 N, PAUSE = 400, 0.1  # 40 s of work: it must outlast detection and the retry's start
-
-
-def _events(path: Path) -> list[list[str]]:
-    text = path.read_text() if path.exists() else ""
-    return [ln.split() for ln in text.splitlines() if ln.strip()]
 
 
 def test_airflow_partitioned_celery_worker_is_fenced_and_retry_resumes(net, tmp_path):
@@ -74,10 +69,7 @@ def test_airflow_partitioned_celery_worker_is_fenced_and_retry_resumes(net, tmp_
             "PYTHONPATH": os.pathsep.join([str(ROOT), str(SCRIPTS)]),
             "PYTHONUNBUFFERED": "1",
             # Every process finds the store from its URL alone, as on a real cluster.
-            "AWS_ACCESS_KEY_ID": s3.access_key,
-            "AWS_SECRET_ACCESS_KEY": s3.secret_key,
-            "AWS_DEFAULT_REGION": s3.region,
-            "AWS_ENDPOINT_URL": s3.endpoint,
+            **s3.aws_env(),
         }
         with airflow_env(
             tmp_path / "home", env=env, dags_folder=SCRIPTS / "airflow_dags", db_url=pg.url,
@@ -89,18 +81,20 @@ def test_airflow_partitioned_celery_worker_is_fenced_and_retry_resumes(net, tmp_
             ev = tmp_path / "units.events"
             run_id = af.trigger("fk_cluster", {"events": str(ev), "n": N, "pause": PAUSE})
             wait_until(
-                lambda: sum(e[0] == "UNIT" for e in _events(ev)) >= 10, 300, "ten units", 0.1
+                lambda: sum(e[0] == "UNIT" for e in read_events(ev)) >= 10, 300, "ten units", 0.1
             )
-            zombie = next(w for w in workers if w.name == _events(ev)[0][1])
+            zombie = next(w for w in workers if w.name == read_events(ev)[0][1])
             other = next(w for w in workers if w is not zombie)
             t_cut, wall_cut = time.monotonic(), time.time()
             net.cut(sched, zombie)
             wait_until(
-                lambda: any(e[0] == "START" and e[1] == other.name for e in _events(ev)),
+                lambda: any(e[0] == "START" and e[1] == other.name for e in read_events(ev)),
                 180, "the retry to start on the other worker", 0.1,
             )  # fmt: skip
             t_rerun = time.monotonic()
-            wait_until(lambda: any(e[0] == "STALE" for e in _events(ev)), 120, "the zombie", 0.1)
+            wait_until(
+                lambda: any(e[0] == "STALE" for e in read_events(ev)), 120, "the zombie", 0.1
+            )
             t_fenced = time.monotonic()
             assert af.wait(run_id, timeout=240) == "success"
             net.heal(sched, zombie)
@@ -112,7 +106,7 @@ def test_airflow_partitioned_celery_worker_is_fenced_and_retry_resumes(net, tmp_
             )
             detected = timeout_at["dttm"].timestamp() - wall_cut
 
-            events = _events(ev)
+            events = read_events(ev)
             starts = [e for e in events if e[0] == "START"]
             assert [(e[1], e[2]) for e in starts] == [(zombie.name, "1"), (other.name, "2")]
             stale = [e for e in events if e[0] == "STALE"]
@@ -121,18 +115,8 @@ def test_airflow_partitioned_celery_worker_is_fenced_and_retry_resumes(net, tmp_
             assert redone == 0, redone  # the retry skipped every unit the zombie recorded
 
             key = stage_key("fk_cluster", run_id, "units", -1)
-            got = store_host.run(
-                [sys.executable, str(SCRIPTS / "s3_check.py"), s3.endpoint, BUCKET, key],
-                capture_output=True, text=True, env={**os.environ, **env},
-            )  # fmt: skip
-            assert got.returncode == 0, got.stderr[-3000:]
-            rep = json.loads(got.stdout)
-            assert rep["units"] == list(range(N))
-            assert set(rep["done"].values()) == {1} and len(rep["done"]) == N
-            assert rep["corrupt"] == [] and rep["damaged"] == [] and rep["anomalies"] == []
-            assert rep["finished"] is True
-            claim2 = next(seq for seq, t, e in rep["log"] if t == "claim" and e == 2)
-            assert not [r for r in rep["log"] if r[0] > claim2 and r[2] == 1], rep["log"]
+            rep = s3_report(store_host, s3, BUCKET, key, {**os.environ, **env})
+            assert_once_and_fenced(rep, N)
 
             got_alerts = alerts.wait_for(1, timeout=60)  # one incident, one alert
             assert len(got_alerts) == 1, json.dumps(got_alerts, indent=1)[-4000:]

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cluster_checks import assert_once_and_fenced, read_events, s3_report
 
 from faultkit import CheckpointStore
 from faultkit.testing import AlertReceiver, SeaweedS3Server, wait_until
@@ -34,39 +35,14 @@ DASK = os.path.join(os.path.dirname(sys.executable), "dask")
 BUCKET = "fk-dask"
 
 
-def _events(path: Path) -> list[list[str]]:
-    text = path.read_text() if path.exists() else ""
-    return [ln.split() for ln in text.splitlines() if ln.strip()]
-
-
 def _wait_for_rerun(events: Path, away_from) -> None:
     """Wait until the task started again on a host other than ``away_from``."""
     wait_until(
-        lambda: any(e[0] == "START" and e[1] != away_from.name for e in _events(events)),
+        lambda: any(e[0] == "START" and e[1] != away_from.name for e in read_events(events)),
         120,
         "the task to run again on another host",
         0.05,
     )
-
-
-def _check(store_host, s3, key, env) -> dict:
-    got = store_host.run(
-        [sys.executable, str(SCRIPTS / "s3_check.py"), s3.endpoint, BUCKET, key],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    assert got.returncode == 0, got.stderr[-3000:]
-    return json.loads(got.stdout)
-
-
-def _assert_once(rep: dict, n: int) -> None:
-    """Every unit recorded exactly once, no damage, the stage finished."""
-    assert rep["units"] == list(range(n))
-    assert sorted(rep["done"]) == sorted(str(u) for u in range(n))
-    assert set(rep["done"].values()) == {1}, rep["done"]
-    assert rep["corrupt"] == [] and rep["damaged"] == [] and rep["anomalies"] == []
-    assert rep["finished"] is True
 
 
 def test_dask_partitioned_worker_is_fenced_and_lost_host_resumes(net, tmp_path):
@@ -83,10 +59,7 @@ def test_dask_partitioned_worker_is_fenced_and_lost_host_resumes(net, tmp_path):
             "PYTHONPATH": os.pathsep.join([str(ROOT), str(SCRIPTS)]),
             "PYTHONUNBUFFERED": "1",
             # Every process finds the store from its URL alone, as on a real cluster.
-            "AWS_ACCESS_KEY_ID": s3.access_key,
-            "AWS_SECRET_ACCESS_KEY": s3.secret_key,
-            "AWS_DEFAULT_REGION": s3.region,
-            "AWS_ENDPOINT_URL": s3.endpoint,
+            **s3.aws_env(),
             # A silent partition is noticed when the worker's heartbeats stop (TTL) and its
             # connection times out (TCP_USER_TIMEOUT): the scheduler first asks the
             # unreachable Nanny to restart its worker, then drops it at the comm timeout.
@@ -130,28 +103,27 @@ def test_dask_partitioned_worker_is_fenced_and_lost_host_resumes(net, tmp_path):
         n = 300  # 30 s: the task must outlast the detection, or its zombie just finishes
         ev = tmp_path / "etl.events"
         proc, out = run("etl", n, 0.1, ev)
-        wait_until(lambda: sum(e[0] == "UNIT" for e in _events(ev)) >= 10, 180, "ten units", 0.02)
-        zombie = next(w for w in workers if w.name == _events(ev)[0][1])
+        wait_until(
+            lambda: sum(e[0] == "UNIT" for e in read_events(ev)) >= 10, 180, "ten units", 0.02
+        )
+        zombie = next(w for w in workers if w.name == read_events(ev)[0][1])
         t_cut = time.monotonic()
         net.cut(sched, zombie)
         _wait_for_rerun(ev, away_from=zombie)
         t_rerun = time.monotonic()
-        wait_until(lambda: any(e[0] == "STALE" for e in _events(ev)), 60, "the zombie", 0.05)
+        wait_until(lambda: any(e[0] == "STALE" for e in read_events(ev)), 60, "the zombie", 0.05)
         t_fenced = time.monotonic()
         got = result(proc, out)
         net.heal(sched, zombie)
         key = f"dask/{scope(out)}/etl"
-        events = _events(ev)
+        events = read_events(ev)
         starts = [e for e in events if e[0] == "START"]
         assert [s[2] for s in starts] == ["1", "2"], events
         assert got["epoch"] == 2 and got["host"] != zombie.name
         assert got["sum"] == sum(u * u for u in range(n))
         stale = [e for e in events if e[0] == "STALE"]
         assert [s[1:3] for s in stale] == [[zombie.name, "1"]]  # one write tried, refused
-        rep = _check(store_host, s3, key, env)
-        _assert_once(rep, n)
-        claim2 = next(seq for seq, t, e in rep["log"] if t == "claim" and e == 2)
-        assert not [r for r in rep["log"] if r[0] > claim2 and r[2] == 1], rep["log"]
+        assert_once_and_fenced(s3_report(store_host, s3, BUCKET, key, env), n)
         redone_b = sum(e[0] == "UNIT" for e in events) - n
         assert redone_b == 0  # the rerun skipped every unit the zombie had recorded
         [alert] = alerts.wait_for(1, timeout=60)  # one incident, one alert
@@ -163,12 +135,12 @@ def test_dask_partitioned_worker_is_fenced_and_lost_host_resumes(net, tmp_path):
         proc, out = run("train", steps, 0.05, ev2, "train")
         # Past the second checkpoint (every 20 steps), between two checkpoints.
         wait_until(
-            lambda: any(e[0] == "STEP" and int(e[3]) >= 50 for e in _events(ev2)),
+            lambda: any(e[0] == "STEP" and int(e[3]) >= 50 for e in read_events(ev2)),
             180,
             "training past its second checkpoint",
             0.02,
         )
-        lost = next(w for w in workers if w.name == _events(ev2)[0][1])
+        lost = next(w for w in workers if w.name == read_events(ev2)[0][1])
         t_kill = time.monotonic()
         killed = lost.kill_all()
         assert killed  # the Nanny and its worker at least
@@ -176,11 +148,11 @@ def test_dask_partitioned_worker_is_fenced_and_lost_host_resumes(net, tmp_path):
         t_rerun_a = time.monotonic()
         got = result(proc, out)
         assert got["epoch"] == 2 and got["host"] != lost.name
-        starts = [e for e in _events(ev2) if e[0] == "START"]
+        starts = [e for e in read_events(ev2) if e[0] == "START"]
         assert len(starts) == 2 and starts[0][2:] == ["1", "0"], starts
         resumed_at = int(starts[1][3])  # the step after its last checkpoint
         assert 40 <= resumed_at <= 200, starts
-        done_before = max(int(e[3]) for e in _events(ev2) if e[0] == "STEP" and e[2] == "1")
+        done_before = max(int(e[3]) for e in read_events(ev2) if e[0] == "STEP" and e[2] == "1")
         redone_a = done_before - resumed_at  # steps after the last checkpoint, run twice
         # Bitwise equal to the same training run uninterrupted, in this process.
         clean = dask_tasks.train(

@@ -10,7 +10,6 @@ reports change nothing: the run stays Completed, every row is in the sink once, 
 alert reports the incident.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cluster_checks import assert_once_and_fenced, read_events, s3_report
 
 from faultkit import RetryPolicy
 from faultkit.demo import check_sink
@@ -33,11 +33,6 @@ BUCKET = "fk-prefect"
 POOL = "fk-pool"
 GRACE = 45.0  # seconds without a heartbeat (Prefect sends one every 30 s at the least)
 PARTITIONS, ROWS, CHUNK = 2, 2000, 10  # 200 units per partition
-
-
-def _events(path: Path) -> list[list[str]]:
-    text = path.read_text() if path.exists() else ""
-    return [ln.split() for ln in text.splitlines() if ln.strip()]
 
 
 def _flow_run_pids(host, run_id: str) -> list[int]:
@@ -77,10 +72,7 @@ def test_prefect_partitioned_worker_is_fenced_and_run_resumes_on_another(net, tm
             **stack.env(),
             "PYTHONPATH": os.pathsep.join([str(ROOT), str(SCRIPTS)]),
             # Every process finds the store from its URL alone, as on a real cluster.
-            "AWS_ACCESS_KEY_ID": s3.access_key,
-            "AWS_SECRET_ACCESS_KEY": s3.secret_key,
-            "AWS_DEFAULT_REGION": s3.region,
-            "AWS_ENDPOINT_URL": s3.endpoint,
+            **s3.aws_env(),
             "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30",
             "PREFECT_WORKER_QUERY_SECONDS": "1",
         }
@@ -102,18 +94,20 @@ def test_prefect_partitioned_worker_is_fenced_and_run_resumes_on_another(net, tm
         ev = tmp_path / "etl.events"
         sink = f"sqlite:///{tmp_path / 'sink.db'}"
         run_id = stack.run("fk-cluster-etl/etl", {"sink_url": sink, "events": str(ev)})
-        wait_until(lambda: sum(e[0] == "UNIT" for e in _events(ev)) >= 10, 240, "ten units", 0.1)
-        zombie = next(w for w in workers if w.name == _events(ev)[0][1])
+        wait_until(
+            lambda: sum(e[0] == "UNIT" for e in read_events(ev)) >= 10, 240, "ten units", 0.1
+        )
+        zombie = next(w for w in workers if w.name == read_events(ev)[0][1])
         other = next(w for w in workers if w is not zombie)
         t_cut, wall_cut = time.monotonic(), time.time()
         net.cut(sched, zombie)
         wait_until(
-            lambda: any(e[0] == "START" and e[1] == other.name for e in _events(ev)),
+            lambda: any(e[0] == "START" and e[1] == other.name for e in read_events(ev)),
             180, "the flow run to run again on the other worker", 0.1,
         )  # fmt: skip
         t_rerun = time.monotonic()
         wait_until(
-            lambda: sum(e[0] == "STALE" for e in _events(ev)) >= PARTITIONS,
+            lambda: sum(e[0] == "STALE" for e in read_events(ev)) >= PARTITIONS,
             120, "the zombie's writes to be refused", 0.1,
         )  # fmt: skip
         t_fenced = time.monotonic()
@@ -136,7 +130,7 @@ def test_prefect_partitioned_worker_is_fenced_and_run_resumes_on_another(net, tm
         assert "FAILED" not in kinds and kinds[-1] == "COMPLETED", kinds
         detected = crashed[0].timestamp.timestamp() - wall_cut
 
-        events = _events(ev)
+        events = read_events(ev)
         starts = [e for e in events if e[0] == "START"]
         assert sorted((e[1], e[3]) for e in starts) == sorted(
             [(zombie.name, "1")] * PARTITIONS + [(other.name, "2")] * PARTITIONS
@@ -152,22 +146,10 @@ def test_prefect_partitioned_worker_is_fenced_and_run_resumes_on_another(net, tm
         assert check_sink(sink) == {"rows": PARTITIONS * ROWS, "distinct": PARTITIONS * ROWS,
                                     "duplicates": 0}  # fmt: skip
 
-        got = store_host.run(
-            [sys.executable, str(SCRIPTS / "s3_check.py"), s3.endpoint, BUCKET,
-             f"prefect/fk-cluster-etl/{run_id}/"],
-            capture_output=True, text=True, env=env,
-        )  # fmt: skip
-        assert got.returncode == 0, got.stderr[-3000:]
-        reps = json.loads(got.stdout)
+        reps = s3_report(store_host, s3, BUCKET, f"prefect/fk-cluster-etl/{run_id}/", env)
         assert len(reps) == PARTITIONS, sorted(reps)
-        for key, rep in reps.items():
-            n = ROWS // CHUNK
-            assert rep["units"] == list(range(n)), key
-            assert set(rep["done"].values()) == {1} and len(rep["done"]) == n, rep["done"]
-            assert rep["corrupt"] == [] and rep["damaged"] == [] and rep["anomalies"] == []
-            assert rep["finished"] is True
-            claim2 = next(seq for seq, t, e in rep["log"] if t == "claim" and e == 2)
-            assert not [r for r in rep["log"] if r[0] > claim2 and r[2] == 1], rep["log"]
+        for rep in reps.values():
+            assert_once_and_fenced(rep, ROWS // CHUNK)
 
         [alert] = alerts.wait_for(1, timeout=60)  # one incident, one alert
         assert "crash" in (alert["title"] + alert["message"]).lower(), alert
