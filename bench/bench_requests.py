@@ -4,8 +4,9 @@ Run: ``.venv/bin/python -m bench.bench_requests``. Counts the requests one
 ``faultkit._resumable.call`` sends, each case through a fresh ``CheckpointStore`` (as a fresh
 worker process would): a first try of a task that commits 3 units; a retry that resumes a
 stage with 2 of its 3 units done; and a task whose stage finished earlier (its recorded
-result is returned). Requests are read off botocore's ``before-send`` event: PUT, GET of an
-object, LIST (a GET with ``list-type``), HEAD, DELETE.
+result is returned). The store sends its log's requests through obstore (counted by wrapping
+its calls) and the rest through s3fs (read off botocore's ``before-send`` event): PUT, GET of
+an object, LIST, HEAD, DELETE.
 """
 
 from __future__ import annotations
@@ -17,11 +18,37 @@ from typing import Any
 UNITS = 3
 
 
+# obstore's calls and the request each sends (a listing of a log: one page, < 1,000 names).
+_OBSTORE_CALLS = {
+    "put": "PUT",
+    "get": "GET",
+    "get_async": "GET",
+    "head": "HEAD",
+    "head_async": "HEAD",
+    "list": "LIST",
+    "list_with_delimiter": "LIST",
+    "delete": "DELETE",
+}
+
+
 def _count(store: Any) -> Counter[str]:
-    """Every request ``store`` sends from now on, by kind."""
+    """Every request ``store`` sends from now on, by kind: through s3fs (botocore's
+    ``before-send`` event) and through obstore (its calls, wrapped)."""
+    import obstore
+
+    sent: Counter[str] = Counter()
+    for name, kind in _OBSTORE_CALLS.items():
+        real = getattr(obstore, name)
+        real = getattr(real, "__wrapped__", real)
+
+        def counted(*a: Any, _real: Any = real, _kind: str = kind, **k: Any) -> Any:
+            sent[_kind] += 1
+            return _real(*a, **k)
+
+        counted.__wrapped__ = real  # type: ignore[attr-defined]
+        setattr(obstore, name, counted)
     fs = store._storage.fs
     store._storage._run(fs.set_session)
-    sent: Counter[str] = Counter()
 
     def on_send(request: Any, **_: Any) -> None:
         kind = request.method

@@ -18,14 +18,18 @@ import contextlib
 import difflib
 import errno
 import logging
+import os
+import re
+import threading
 from collections.abc import Iterator
+from datetime import timedelta
 from typing import IO, Any, ClassVar, NoReturn
 from urllib.parse import urlsplit
 
 from ._errors import StoreConfigError, StoreUnavailableError
 from ._storage import ObjectInfo, Storage, check_rel, redact_url, write_error
 
-__all__ = ["FsspecStorage", "open_s3"]
+__all__ = ["FsspecStorage", "ObstoreS3Storage", "open_s3"]
 
 log = logging.getLogger("faultkit.store")
 
@@ -38,7 +42,7 @@ _WINDOW = 16
 
 
 def _code(exc: BaseException) -> str:
-    """The S3 error code behind an s3fs/botocore exception ("" if none)."""
+    """The S3 error code behind an s3fs/botocore or obstore exception ("" if none)."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
@@ -49,6 +53,8 @@ def _code(exc: BaseException) -> str:
             code = str(err.get("Code") or "")
             status = str((resp.get("ResponseMetadata") or {}).get("HTTPStatusCode") or "")
             return code or status
+        if type(e).__module__.startswith("obstore"):
+            return _ob_code(e)
         e = e.__cause__ or e.__context__
     return ""
 
@@ -93,6 +99,13 @@ def _unreachable(exc: BaseException) -> bool:
     return False
 
 
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an error's text, bounded: obstore appends a multi-line debug dump."""
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def _seq_window(names: list[str]) -> tuple[str, int] | None:
     """(StartAfter, MaxKeys) of one LIST that covers ``names``, when they are zero-padded
     sequence numbers close together (a log's neighbours); else None."""
@@ -112,12 +125,24 @@ def _seq_window(names: list[str]) -> tuple[str, int] | None:
 class FsspecStorage(Storage):
     """An fsspec file system with create-if-absent (S3 through s3fs: ``If-None-Match: *``)."""
 
-    def __init__(self, fs: Any, root: str, url: str) -> None:
-        self.fs = fs
+    def __init__(self, fs: Any, root: str, url: str, remake: Any = None) -> None:
+        self._fs, self._fs_pid, self._remake = fs, os.getpid(), remake
         self.root = root.rstrip("/")
         self.url = url
         self.bucket = self.root.split("/", 1)[0]
         self._errors = _transport_errors()
+
+    @property
+    def fs(self) -> Any:
+        """The s3fs file system of this process, made at first use where none was given: an
+        s3fs instance refuses to work in a child forked after it started ("not fork-safe"),
+        so a forked child makes its own."""
+        if (self._fs is None or self._fs_pid != os.getpid()) and self._remake is not None:
+            try:
+                self._fs, self._fs_pid = self._remake(), os.getpid()
+            except (TypeError, ValueError, KeyError) as exc:
+                raise StoreConfigError(f"s3fs refused the options of {self.url!r}: {exc}") from exc
+        return self._fs
 
     def _abs(self, path: str) -> str:
         return f"{self.root}/{check_rel(path)}" if path else self.root
@@ -145,7 +170,7 @@ class FsspecStorage(Storage):
     def _unavailable(self, what: str, exc: BaseException) -> StoreUnavailableError:
         return StoreUnavailableError(
             f"the store {redact_url(self.url)!r} did not answer while {what} "
-            f"({type(exc).__name__}: {exc}). Nothing committed is lost; a write that timed "
+            f"({type(exc).__name__}: {_first_line(exc)}). Nothing committed is lost; a write that timed "
             "out may have landed, and retrying it is safe. Check the network path to the S3 "
             "endpoint (or raise config_kwargs connect_timeout/read_timeout), then retry."
         )
@@ -420,6 +445,338 @@ class FsspecStorage(Storage):
             self.fs.rm(files)
 
 
+# -- the log's hot path through obstore ---------------------------------------------------
+
+# obstore runs its requests on a Rust runtime whose threads do not survive fork(): a child
+# forked after its parent made one request hangs at its own first request. The process that
+# started the runtime is remembered; any other process (a fork child) uses s3fs instead.
+_RUNTIME_PID = 0
+_LOOPS = threading.local()  # one event loop per thread, to await several requests at once
+_MAX_INFLIGHT = 64  # requests one call has in flight at a time
+_FEW = 4  # up to this many requests go out from threads; more from an event loop
+_OB_CODE = re.compile(r"<Code>([A-Za-z]+)</Code>")
+_OB_UNREACHABLE = ("error sending request", "timed out", "timeout", "connection", "connect")
+# obstore creates an object in one PUT up to this size; larger ones go through s3fs, whose
+# conditional CompleteMultipartUpload loses a race as a single PUT does.
+_OB_SINGLE_PUT = 5 << 20
+
+
+def _ob_code(exc: BaseException) -> str:
+    """The S3 error code in an obstore error's message ("" if none)."""
+    m = _OB_CODE.search(str(exc))
+    return m.group(1) if m else ""
+
+
+def _ob_unreachable(exc: BaseException) -> bool:
+    """True if an obstore error says the server never answered (refused, reset, timed out)."""
+    from obstore.exceptions import GenericError
+
+    text = str(exc).lower()
+    return isinstance(exc, GenericError) and any(w in text for w in _OB_UNREACHABLE)
+
+
+def _ob_taken(exc: BaseException) -> bool:
+    from obstore.exceptions import AlreadyExistsError, PreconditionError
+
+    return isinstance(exc, AlreadyExistsError | PreconditionError) or _ob_code(exc) in _TAKEN
+
+
+def _gather(coros: list[Any]) -> list[Any]:
+    """Await ``coros`` together on this thread's own loop; every one finishes before an
+    error is raised (none is left running unobserved)."""
+    loop = getattr(_LOOPS, "loop", None)
+    if loop is None or loop.is_closed():
+        loop = _LOOPS.loop = asyncio.new_event_loop()
+    sem = asyncio.Semaphore(_MAX_INFLIGHT)
+
+    async def one(c: Any) -> Any:
+        async with sem:
+            return await c
+
+    async def all_() -> list[Any]:
+        return await asyncio.gather(*(one(c) for c in coros), return_exceptions=True)
+
+    got = loop.run_until_complete(all_())
+    for g in got:
+        if isinstance(g, BaseException) and not isinstance(g, FileNotFoundError):
+            raise g
+    return got
+
+
+_POOL: tuple[int, Any] = (0, None)  # (pid, executor) for a commit's few concurrent checks
+_POOL_LOCK = threading.Lock()
+
+
+def _pool() -> Any:
+    """A small thread pool of this process. A commit's checks (a GET and a HEAD) go out
+    together from two threads: an event loop per call costs more than the second request."""
+    global _POOL
+    pid, pool = _POOL
+    if pid != os.getpid():
+        from concurrent.futures import ThreadPoolExecutor
+
+        with _POOL_LOCK:
+            if _POOL[0] != os.getpid():
+                _POOL = (os.getpid(), ThreadPoolExecutor(4, thread_name_prefix="faultkit-s3"))
+            pool = _POOL[1]
+    return pool
+
+
+def _in_async_code() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class ObstoreS3Storage(FsspecStorage):
+    """An ``s3://`` store whose log path (create, read, the commit's neighbour checks) goes
+    through obstore, Rust's ``object_store``: a request costs a fraction of s3fs's Python
+    overhead, and several go out at once without a Python thread each. Everything else
+    (listing, large objects, deletes, streaming reads) stays on s3fs.
+
+    Used where obstore can do what the options say (see :func:`obstore_config`); in a
+    process forked after obstore's runtime started, and inside a running event loop, the
+    same calls go through s3fs.
+    """
+
+    def __init__(
+        self, fs: Any, root: str, url: str, config: dict[str, Any], remake: Any = None
+    ) -> None:
+        super().__init__(fs, root, url, remake)
+        self._config = config
+        self._ob: Any = None
+        self._ob_pid = 0
+
+    def _client(self, *, concurrent: bool = False) -> Any:
+        """The obstore client for this process, or None where obstore must not be used."""
+        global _RUNTIME_PID
+        pid = os.getpid()
+        if _RUNTIME_PID not in (0, pid) or (concurrent and _in_async_code()):
+            return None
+        if self._ob is None or self._ob_pid != pid:
+            from obstore.store import S3Store
+
+            self._ob, self._ob_pid = S3Store(self.bucket, **self._config), pid
+        _RUNTIME_PID = pid
+        return self._ob
+
+    def _ob_error(self, what: str, path: str, exc: BaseException) -> Exception:
+        """The faultkit error for an obstore error (reads: ``path`` is "")."""
+        from obstore.exceptions import PermissionDeniedError, UnauthenticatedError
+
+        code = _ob_code(exc)
+        if code in _CREDENTIALS:
+            return self._credentials_error(code)
+        if code == "NoSuchBucket":
+            return StoreConfigError(
+                f"bucket {self.bucket!r} of {redact_url(self.url)!r} does not exist: create "
+                "it (or fix the store URL), then retry the task"
+            )
+        if _ob_unreachable(exc):
+            return self._unavailable(what, exc)
+        text = _first_line(exc)
+        if isinstance(exc, PermissionDeniedError | UnauthenticatedError):
+            err: OSError = PermissionError(errno.EACCES, f"{code or 'AccessDenied'}: {text}")
+        else:
+            err = OSError(errno.EIO, f"S3 request failed ({code or 'no S3 error code'}): {text}")
+        return write_error(path, err, self.url) if path else err
+
+    def create(self, path: str, data: bytes, *, durable: bool = True) -> None:
+        ob = self._client()
+        if ob is None or len(data) > _OB_SINGLE_PUT:
+            return super().create(path, data, durable=durable)
+        import obstore
+
+        try:
+            obstore.put(ob, self._key(path), bytes(data), mode="create", use_multipart=False)
+        except FileNotFoundError as exc:  # a 404 to a PUT: the bucket is gone
+            raise self._ob_error(f"writing {path!r}", path, exc) from exc
+        except Exception as exc:
+            if _ob_taken(exc):
+                raise FileExistsError(errno.EEXIST, "exists", path) from exc
+            raise self._ob_error(f"writing {path!r}", path, exc) from exc
+
+    def _ob_read_error(self, exc: BaseException) -> Exception:
+        # A missing object, or bucket, reads as absent, as through s3fs: a claim of a store
+        # whose bucket is gone finds nothing, and its first write says what to fix.
+        if isinstance(exc, FileNotFoundError):
+            return exc
+        return self._ob_error("reading", "", exc)
+
+    def read(self, path: str) -> bytes:
+        ob = self._client()
+        if ob is None:
+            return super().read(path)
+        import obstore
+
+        try:
+            return bytes(obstore.get(ob, self._key(path)).bytes())
+        except Exception as exc:
+            err = self._ob_read_error(exc)
+            if err is exc:
+                raise FileNotFoundError(errno.ENOENT, "no such object", path) from exc
+            raise err from exc
+
+    async def _ob_get(self, ob: Any, key: str) -> bytes | None:
+        import obstore
+
+        try:
+            got = await obstore.get_async(ob, key)
+            return bytes(await got.bytes_async())
+        except FileNotFoundError:
+            return None
+
+    async def _ob_head(self, ob: Any, key: str) -> bool:
+        import obstore
+
+        try:
+            await obstore.head_async(ob, key)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _ob_gather(self, coros: list[Any]) -> list[Any]:
+        try:
+            return _gather(coros)
+        except Exception as exc:
+            raise self._ob_read_error(exc) from exc
+
+    def read_many(self, paths: list[str]) -> dict[str, bytes | None]:
+        ob = self._client(concurrent=True)
+        if ob is None or not paths:
+            return super().read_many(paths)
+        got = self._ob_gather([self._ob_get(ob, self._key(p)) for p in paths])
+        return dict(zip(paths, got, strict=True))
+
+    def list(self, path: str) -> list[str]:
+        ob = self._client()
+        if ob is None:
+            return super().list(path)
+        import obstore
+
+        folder = self._prefix(path)
+        try:
+            got = obstore.list_with_delimiter(ob, folder.rstrip("/") or None)
+        except Exception as exc:
+            err = self._ob_read_error(exc)
+            if isinstance(err, FileNotFoundError):
+                return []
+            raise err from exc
+        names = [o["path"] for o in got["objects"]] + list(got["common_prefixes"])
+        return sorted({n[len(folder) :].strip("/") for n in names if n.startswith(folder)} - {""})
+
+    def list_from(self, path: str, *, after: str = "", prefix: str = "") -> list[str]:
+        """The names under ``path`` after ``after`` that start with ``prefix``: one listing
+        from there on, stopped where the names leave ``prefix``."""
+        ob = self._client()
+        if ob is None:
+            return super().list_from(path, after=after, prefix=prefix)
+        import obstore
+
+        folder = self._prefix(path)
+        start = folder + check_rel(after) if after else ""
+        if prefix:
+            # Just below every name that starts with ``prefix`` ("sum" for "sum-").
+            start = max(start, folder + check_rel(prefix)[:-1])
+        names: list[str] = []
+        try:
+            stream = obstore.list(ob, folder.rstrip("/") or None, offset=start or None)
+            for chunk in stream:
+                for o in chunk:
+                    n = o["path"][len(folder) :]
+                    if prefix and not n.startswith(prefix):
+                        if n > prefix:
+                            return sorted(names)
+                        continue
+                    if n and "/" not in n:
+                        names.append(n)
+        except Exception as exc:
+            err = self._ob_read_error(exc)
+            if isinstance(err, FileNotFoundError):
+                return []
+            raise err from exc
+        return sorted(names)
+
+    def _ob_exists(self, ob: Any, key: str) -> bool:
+        import obstore
+
+        try:
+            obstore.head(ob, key)
+        except FileNotFoundError:
+            return False
+        except Exception as exc:
+            raise self._ob_read_error(exc) from exc
+        return True
+
+    def _ob_get_or_none(self, ob: Any, key: str) -> bytes | None:
+        import obstore
+
+        try:
+            return bytes(obstore.get(ob, key).bytes())
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise self._ob_read_error(exc) from exc
+
+    def _together(self, first: Any, rest: list[Any]) -> list[Any]:
+        """Run ``first()`` here and each of ``rest`` on the pool, all at once; every one
+        finishes before an error is raised."""
+        from concurrent.futures import wait
+
+        futures = [_pool().submit(f) for f in rest]
+        try:
+            out = [first()]
+        finally:
+            wait(futures)
+        return out + [f.result() for f in futures]
+
+    def present(self, folder: str, names: list[str]) -> set[str]:
+        """Which of ``names`` exist directly under ``folder``: HEADs at once, one round
+        trip for the few names a commit asks about."""
+        ob = self._client(concurrent=True)
+        if ob is None:
+            return super().present(folder, names)
+        names = sorted(set(names))
+        for n in names:
+            if "/" in check_rel(n):
+                raise ValueError(f"present() takes names, not paths: {n!r}")
+        if not names:
+            return set()
+        keys = [self._prefix(folder) + n for n in names]
+        if len(keys) <= _FEW:
+            heads = self._together(
+                lambda: self._ob_exists(ob, keys[0]),
+                [lambda k=k: self._ob_exists(ob, k) for k in keys[1:]],
+            )
+        else:
+            heads = self._ob_gather([self._ob_head(ob, k) for k in keys])
+        return {n for n, h in zip(names, heads, strict=True) if h}
+
+    def read_and_present(
+        self, path: str, folder: str, names: list[str]
+    ) -> tuple[bytes | None, set[str]]:
+        """The GET and the HEADs in one round trip (requests at once)."""
+        ob = self._client(concurrent=True)
+        if ob is None:
+            return super().read_and_present(path, folder, names)
+        names = sorted(set(names))
+        prefix = self._prefix(folder)
+        keys = [prefix + check_rel(n) for n in names]
+        key = self._key(path)
+        if len(keys) < _FEW:
+            data, *heads = self._together(
+                lambda: self._ob_get_or_none(ob, key),
+                [lambda k=k: self._ob_exists(ob, k) for k in keys],
+            )
+        else:
+            data, *heads = self._ob_gather(
+                [self._ob_get(ob, key)] + [self._ob_head(ob, k) for k in keys]
+            )
+        return data, {n for n, h in zip(names, heads, strict=True) if h}
+
+
 # Expected type of each s3fs/fsspec option: (types, words for the message). None is always
 # allowed and means "s3fs's default".
 _STR = ((str,), "a string")
@@ -563,6 +920,88 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# What obstore can take over from s3fs's options. Anything else (a botocore session, SSE
+# headers, a CA bundle, a requester-pays bucket, ...) keeps the whole store on s3fs.
+_OB_TOP = frozenset(
+    {"key", "secret", "token", "anon", "endpoint_url", "client_kwargs", "config_kwargs"}
+    | {"retries", "use_listings_cache", "skip_instance_cache", "use_ssl"}
+)
+_OB_CLIENT = frozenset(
+    {"endpoint_url", "region_name", "aws_access_key_id", "aws_secret_access_key"}
+    | {"aws_session_token", "verify", "use_ssl"}
+)
+_OB_CONFIG = frozenset({"connect_timeout", "read_timeout", "retries"})
+_CLIENTS = ("auto", "obstore", "s3fs")
+
+
+def obstore_config(opts: dict[str, Any]) -> tuple[dict[str, Any] | None, str]:
+    """``S3Store`` keyword arguments that do what the s3fs options ``opts`` say, or
+    (None, why not). Credentials, endpoint and region come from the options, else from the
+    standard ``AWS_*`` variables, as botocore takes them; a profile or an instance role
+    (botocore's other sources) and a region s3fs would look up keep the store on s3fs."""
+    try:
+        import obstore  # noqa: F401
+    except ImportError:
+        return None, "obstore is not installed"
+    extra = sorted(set(opts) - _OB_TOP)
+    ck = dict(opts.get("client_kwargs") or {})
+    cfg = dict(opts.get("config_kwargs") or {})
+    extra += [f"client_kwargs.{k}" for k in sorted(set(ck) - _OB_CLIENT)]
+    extra += [f"config_kwargs.{k}" for k in sorted(set(cfg) - _OB_CONFIG)]
+    if isinstance(ck.get("verify"), str):
+        extra.append("client_kwargs.verify (a CA bundle)")
+    if extra:
+        return None, f"s3fs options obstore does not take: {', '.join(extra)}"
+    env = os.environ
+    conf: dict[str, Any] = {}
+    if opts.get("anon"):
+        conf["skip_signature"] = True
+    else:
+        key = opts.get("key") or ck.get("aws_access_key_id")
+        secret = opts.get("secret") or ck.get("aws_secret_access_key")
+        token = opts.get("token") or ck.get("aws_session_token")
+        if not (key and secret):
+            key, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
+            token = env.get("AWS_SESSION_TOKEN")
+        if not (key and secret):
+            return None, "credentials come from a profile or an instance role (botocore's)"
+        conf.update(access_key_id=key, secret_access_key=secret)
+        if token:
+            conf["session_token"] = token
+        elif env.get("AWS_SESSION_TOKEN"):
+            return None, "AWS_SESSION_TOKEN is set beside explicit credentials"
+    endpoint = (
+        opts.get("endpoint_url")
+        or ck.get("endpoint_url")
+        or env.get("AWS_ENDPOINT_URL_S3")
+        or env.get("AWS_ENDPOINT_URL")
+    )
+    region = ck.get("region_name") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION")
+    if not region and not endpoint:
+        return None, "the bucket's region is not given (s3fs looks it up)"
+    conf["region"] = region or "us-east-1"
+    client: dict[str, Any] = {}
+    if endpoint:
+        conf["endpoint"] = endpoint
+        client["allow_http"] = endpoint.startswith("http://")
+    if ck.get("verify") is False:
+        client["allow_invalid_certificates"] = True
+    # Timeouts as botocore's (connect, then each read); obstore bounds the whole request.
+    try:
+        connect = float(cfg.get("connect_timeout") or 60)
+        read = float(cfg.get("read_timeout") or 60)
+    except (TypeError, ValueError) as exc:
+        raise StoreConfigError(
+            f"S3 option config_kwargs connect_timeout/read_timeout must be seconds: {exc}"
+        ) from exc
+    client["connect_timeout"] = timedelta(seconds=connect)
+    client["timeout"] = timedelta(seconds=connect + read)
+    # s3fs tries a request ``retries`` times (5 by default); obstore counts the retries.
+    tries = int(opts.get("retries") or 5)
+    retry = {"max_retries": max(tries - 1, 0), "retry_timeout": timedelta(seconds=120)}
+    return {"config": conf, "client_options": client, "retry_config": retry}, ""
+
+
 def _drop_expect(params: dict[str, Any], **_: Any) -> None:
     params.get("headers", {}).pop("Expect", None)
 
@@ -591,27 +1030,58 @@ def open_s3(rest: str, *, create: bool = True, **options: Any) -> FsspecStorage:
         StoreConfigError: s3fs is missing, the URL names no bucket, an option is wrong, or
             (with ``create=False``) the bucket does not exist.
     """
-    try:
-        import s3fs
-    except ImportError as exc:
-        raise StoreConfigError("s3:// stores need s3fs: pip install 'faultkit[s3]'") from exc
+    import importlib.util
+
+    # Found, not imported: s3fs (aiobotocore, aiohttp) takes most of a second to import, and
+    # a store whose log goes through obstore imports it only when a request needs it.
+    if importlib.util.find_spec("s3fs") is None:
+        raise StoreConfigError("s3:// stores need s3fs: pip install 'faultkit[s3]'")
     bucket_prefix = rest.strip("/")
     if not bucket_prefix:
         raise StoreConfigError(f"S3 URL 's3://{rest}' names no bucket: s3://bucket/prefix")
     bucket = bucket_prefix.split("/", 1)[0]
+    options = dict(options)
+    client = options.pop("client", "auto")
+    if client not in _CLIENTS:
+        raise StoreConfigError(
+            f"S3 option client={client!r} must be one of {', '.join(map(repr, _CLIENTS))}: "
+            "'auto' (the default) sends the log's requests through obstore where the options "
+            "allow it, 's3fs' sends everything through s3fs"
+        )
     opts = {"use_listings_cache": False, "skip_instance_cache": True, **check_options(options)}
+    ob_config, why = obstore_config(opts) if client != "s3fs" else (None, "client='s3fs'")
+    if ob_config is None and client == "obstore":
+        raise StoreConfigError(
+            f"S3 option client='obstore' cannot be honoured for 's3://{bucket_prefix}': {why}; "
+            "use client='auto' to fall back to s3fs, or change the options"
+        )
     retries = opts.pop("retries", None)
     if retries is not None and retries < 1:
         raise StoreConfigError(f"retries={retries!r}: s3fs makes at least one try; use 1 or more")
-    try:
+
+    def make_fs() -> Any:
+        import s3fs
+
         fs = s3fs.S3FileSystem(**opts)
         _send_bodies_at_once(fs)  # makes the client: botocore checks its options here
-    except (TypeError, ValueError, KeyError) as exc:
-        # s3fs's own checks ("Supply either key or username, not both", ...).
-        raise StoreConfigError(f"s3fs refused the options of 's3://{rest}': {exc}") from exc
-    if retries is not None:
-        fs.retries = retries
-    storage = FsspecStorage(fs, bucket_prefix, f"s3://{bucket_prefix}")
+        if retries is not None:
+            fs.retries = retries
+        return fs
+
+    url = f"s3://{bucket_prefix}"
+    storage: FsspecStorage
+    if ob_config is not None:
+        # s3fs (and botocore's models, most of a fresh process's start-up) only when a
+        # request needs it: a task's claim and commits do not.
+        storage = ObstoreS3Storage(None, bucket_prefix, url, ob_config, make_fs)
+    else:
+        try:
+            fs = make_fs()
+        except (TypeError, ValueError, KeyError) as exc:
+            # s3fs's own checks ("Supply either key or username, not both", ...).
+            raise StoreConfigError(f"s3fs refused the options of 's3://{rest}': {exc}") from exc
+        log.debug("%s: every request through s3fs (%s)", url, why)
+        storage = FsspecStorage(fs, bucket_prefix, url, make_fs)
     if not create and not storage.exists():
         raise StoreConfigError(
             f"no store at 's3://{bucket_prefix}': bucket {bucket!r} does not exist or is not "

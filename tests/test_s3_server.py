@@ -14,15 +14,22 @@ import pytest
 
 from faultkit import CheckpointStore, StoreConfigError, key
 from faultkit._storage import open_storage
-from faultkit._storage_s3 import FsspecStorage, _code
+from faultkit._storage_s3 import FsspecStorage, ObstoreS3Storage, _code
 from faultkit.testing import wait_until
 
 
-def _storage(url: str, opts: dict) -> FsspecStorage:
-    """A storage with its own s3fs instance (its own connections), as another process has."""
-    s = open_storage(url, **opts)
+def _storage(url: str, opts: dict, client: str = "s3fs") -> FsspecStorage:
+    """A storage with its own clients (its own connections), as another process has."""
+    s = open_storage(url, client=client, **opts)
     assert isinstance(s, FsspecStorage)
+    assert isinstance(s, ObstoreS3Storage) == (client == "obstore")
     return s
+
+
+@pytest.fixture(params=["obstore", "s3fs"])
+def client(request):
+    """Each S3 client a store may send the log's requests through."""
+    return request.param
 
 
 def _race(storages: list[FsspecStorage], path: str) -> dict[int, BaseException | None]:
@@ -46,11 +53,11 @@ def _race(storages: list[FsspecStorage], path: str) -> dict[int, BaseException |
     return out
 
 
-def test_lost_create_is_file_exists(s3_store_url):
+def test_lost_create_is_file_exists(s3_store_url, client):
     """A create of a taken name raises FileExistsError (from SeaweedFS's 412) and keeps the
     first object's bytes."""
     url, opts = s3_store_url
-    s = _storage(url, opts)
+    s = _storage(url, opts, client)
     s.create("log/000000000001", b"first")
     with pytest.raises(FileExistsError) as info:
         s.create("log/000000000001", b"second")
@@ -62,9 +69,10 @@ def test_lost_create_is_file_exists(s3_store_url):
 
 def test_create_race_has_exactly_one_winner(s3_store_url):
     """Two writers racing to create the same name, 20 times over: each time exactly one wins,
-    the other gets FileExistsError, and the stored bytes are the winner's."""
+    the other gets FileExistsError, and the stored bytes are the winner's (an obstore writer
+    against an s3fs one: either may win)."""
     url, opts = s3_store_url
-    storages = [_storage(url, opts), _storage(url, opts)]
+    storages = [_storage(url, opts, "obstore"), _storage(url, opts, "s3fs")]
     for n in range(20):
         path = f"race/{n:012d}"
         out = _race(storages, path)
@@ -124,11 +132,11 @@ def test_eight_processes_claim_distinct_epochs(s3_store_url, tmp_path):
     assert CheckpointStore(url, **opts).stage(k).claim().epoch == 9
 
 
-def test_missing_bucket_names_it(seaweed_s3):
+def test_missing_bucket_names_it(seaweed_s3, client):
     """A store in a bucket that does not exist fails with a StoreConfigError that names the
     bucket and says to create it, on first use and when it must already exist."""
     bucket = f"fk-missing-{uuid.uuid4().hex[:8]}"
-    opts = seaweed_s3.storage_options()
+    opts = {**seaweed_s3.storage_options(), "client": client}
     store = CheckpointStore(f"s3://{bucket}/ck", **opts)
     with pytest.raises(StoreConfigError) as info:
         store.stage(key("etl", "dag", "run", "load")).claim()
@@ -138,11 +146,11 @@ def test_missing_bucket_names_it(seaweed_s3):
         CheckpointStore(f"s3://{bucket}/ck", must_exist=True, **opts)
 
 
-def test_wrong_credentials_are_a_config_error(s3_store_url):
+def test_wrong_credentials_are_a_config_error(s3_store_url, client):
     """A secret the server refuses fails the first write with a StoreConfigError that says
     to fix the credentials, and never shows the secret."""
     url, opts = s3_store_url
-    store = CheckpointStore(url, **{**opts, "secret": "not-the-secret"})
+    store = CheckpointStore(url, **{**opts, "secret": "not-the-secret", "client": client})
     with pytest.raises(StoreConfigError, match="credentials") as info:
         store.stage(key("etl", "dag", "run", "load")).claim()
     assert "not-the-secret" not in str(info.value)
@@ -202,11 +210,11 @@ def test_options_s3fs_refuses_are_a_config_error(seaweed_s3):
 
 
 @pytest.fixture
-def log_folder(s3_store_url):
+def log_folder(s3_store_url, client):
     """A storage whose folder ``log`` holds records 1, 2, 3, 5, 8, 20, a sub-folder ``4``,
     ``@gone`` and two names sorting between 1 and 2."""
     url, opts = s3_store_url
-    s = _storage(url, opts)
+    s = _storage(url, opts, client)
     for n in (1, 2, 3, 5, 8, 20):
         s.create(f"log/{n:012d}", b"r")
     s.create("log/000000000004/child", b"c")
@@ -333,7 +341,7 @@ def test_retries_option_is_checked(seaweed_s3, retries):
         CheckpointStore("s3://fk-options/ck", retries=retries, **seaweed_s3.storage_options())
 
 
-def test_unreachable_store_is_a_retryable_error(seaweed_s3):
+def test_unreachable_store_is_a_retryable_error(seaweed_s3, client):
     """A store whose endpoint does not answer fails a claim with StoreUnavailableError (a
     ConnectionError that retry policies count as infrastructure), naming the store and
     what to do, within the configured timeouts; nothing is mistaken for a config error."""
@@ -347,6 +355,7 @@ def test_unreachable_store_is_a_retryable_error(seaweed_s3):
         **{**opts, "client_kwargs": {**opts["client_kwargs"], "endpoint_url": endpoint}},
         config_kwargs={"connect_timeout": 1, "read_timeout": 1, "retries": {"max_attempts": 1}},
         retries=1,
+        client=client,
     )
     calls = []
 
@@ -370,7 +379,7 @@ def test_puts_do_not_wait_for_100_continue(s3_store_url):
     Continue" with no timeout, so a partition mid-commit would hang the writer for ever
     (tests/cluster/test_store_host.py shows the bounded failure instead)."""
     url, opts = s3_store_url
-    store = CheckpointStore(url, **opts)
+    store = CheckpointStore(url, client="s3fs", **opts)
     sent = []
     fs = store._storage.fs
     fs.s3.meta.events.register(
@@ -382,3 +391,140 @@ def test_puts_do_not_wait_for_100_continue(s3_store_url):
     puts = [h for m, h in sent if m == "PUT"]
     assert len(puts) >= 3  # claim, done, snapshot data and record
     assert all("Expect" not in h for h in puts), puts
+
+
+# -- which client carries the log's requests --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "why"),
+    [
+        pytest.param(
+            {"s3_additional_kwargs": {"ServerSideEncryption": "AES256"}}, "s3_add", id="sse-headers"
+        ),
+        pytest.param({"requester_pays": True}, "requester_pays", id="requester-pays"),
+        pytest.param(
+            {"config_kwargs": {"signature_version": "s3v4"}},
+            "signature_version",
+            id="botocore-config",
+        ),
+        pytest.param({"client_kwargs": {"verify": "/etc/ssl/ca.pem"}}, "CA bundle", id="ca-bundle"),
+    ],
+)
+def test_fsspec_options_keep_the_store_on_s3fs(seaweed_s3, extra, why):
+    """Options only s3fs understands keep every request on s3fs; asking for obstore then is
+    a StoreConfigError that names the option."""
+    opts = seaweed_s3.storage_options()
+    if "client_kwargs" in extra:
+        extra = {"client_kwargs": {**opts["client_kwargs"], **extra["client_kwargs"]}}
+    opts = {**opts, **extra}
+    s = open_storage("s3://fk-options/ck", **opts)
+    assert type(s) is FsspecStorage
+    with pytest.raises(StoreConfigError, match=why) as info:
+        open_storage("s3://fk-options/ck", client="obstore", **opts)
+    assert "client='auto'" in str(info.value)
+
+
+def test_credentials_from_the_environment_use_obstore(seaweed_s3, monkeypatch):
+    """A store given only its URL finds credentials, endpoint and region in the AWS_*
+    variables, as botocore does, and commits through obstore; without credentials there
+    (a profile or an instance role) it stays on s3fs."""
+    for name, value in seaweed_s3.aws_env().items():
+        monkeypatch.setenv(name, value)
+    bucket = f"fk-env-{uuid.uuid4().hex[:8]}"
+    seaweed_s3.make_bucket(bucket)
+    store = CheckpointStore(f"s3://{bucket}/ck")
+    assert isinstance(store._storage, ObstoreS3Storage)
+    stage = store.stage(key("etl", "dag", "run", "load")).claim()
+    stage.done(1, {"rows": 3})
+    again = CheckpointStore(f"s3://{bucket}/ck", client="s3fs").stage(
+        key("etl", "dag", "run", "load")
+    )
+    again.refresh()
+    assert type(again._storage) is FsspecStorage and again.results() == {1: {"rows": 3}}
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    assert type(open_storage(f"s3://{bucket}/ck")) is FsspecStorage
+
+
+@pytest.mark.parametrize("value", ["boto", "", 1, None])
+def test_client_option_is_checked(seaweed_s3, value):
+    """client= is 'auto', 'obstore' or 's3fs'; anything else says so when the store is made."""
+    with pytest.raises(StoreConfigError, match=r"client=.*'auto'"):
+        CheckpointStore("s3://fk-options/ck", client=value, **seaweed_s3.storage_options())
+
+
+_FORKED = textwrap.dedent(
+    """
+    import json, os, sys
+    from faultkit import CheckpointStore
+    url, k = sys.argv[1:3]
+    store = CheckpointStore(url, **json.loads(os.environ["FK_S3_OPTS"]))
+    stage = store.stage(k).claim()
+    stage.done(1, {"by": "parent"})  # obstore's runtime is running in this process now
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a forked worker (Airflow, Celery, multiprocessing 'fork')
+        child = CheckpointStore(url, **json.loads(os.environ["FK_S3_OPTS"]))
+        st = child.stage(k + "-child").claim()
+        st.done(1, {"by": "child"})
+        seen = store.stage(k)  # through the parent's store object, inherited
+        seen.refresh()
+        seen = seen.results()
+        os.write(w, json.dumps([st.results(), sorted(seen)]).encode())
+        os._exit(0)
+    os.close(w)
+    got = b""
+    while chunk := os.read(r, 65536):
+        got += chunk
+    os.waitpid(pid, 0)
+    stage.done(2, {"by": "parent"})
+    print(got.decode())
+    """
+)
+
+
+def test_a_forked_child_does_not_hang_on_the_parents_client(s3_store_url):
+    """obstore's runtime does not survive fork(): a child forked after its parent made a
+    request would hang at its first one. Such a child sends its requests through s3fs and
+    finishes; the parent keeps committing."""
+    url, opts = s3_store_url
+    k = key("etl", "dag", f"run-{uuid.uuid4().hex[:8]}", "load")
+    out = subprocess.run(
+        [sys.executable, "-c", _FORKED, url, k],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "FK_S3_OPTS": json.dumps(opts)},
+    )
+    assert out.returncode == 0, out.stderr
+    results, seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert results == {"1": {"by": "child"}} and seen == [1]
+    st = CheckpointStore(url, client="s3fs", **opts).stage(k)
+    st.refresh()
+    assert st.results() == {1: {"by": "parent"}, 2: {"by": "parent"}}
+
+
+def test_reads_inside_an_event_loop_use_s3fs(s3_store_url):
+    """Called from async code (a running loop on this thread), the concurrent reads go
+    through s3fs's own loop: a second loop cannot run on the thread."""
+    import asyncio
+
+    url, opts = s3_store_url
+    s = _storage(url, opts, "obstore")
+    for n in range(1, 4):
+        s.create(f"log/{n:012d}", f"r{n}".encode())
+
+    async def inside() -> tuple:
+        return (
+            s.read_many(["log/000000000001", "log/000000000009"]),
+            s.read_and_present("log/000000000002", "log", ["000000000003"]),
+            s.present("log", ["000000000003", "000000000004"]),
+        )
+
+    many, rp, present = asyncio.run(inside())
+    assert many == {"log/000000000001": b"r1", "log/000000000009": None}
+    assert rp == (b"r2", {"000000000003"})
+    assert present == {"000000000003"}
+    # and outside a loop, through obstore: the same answers
+    assert s.read_many(["log/000000000001", "log/000000000009"]) == many
+    assert s.read_and_present("log/000000000002", "log", ["000000000003"]) == rp
