@@ -8,8 +8,8 @@ On one SeaweedFS server on loopback, the same run, ABBA order, every round print
 2. reading 500 such records concurrently: what a claim reads after the newest summary;
 3. a lost create race: what each client raises (the store must see "position taken").
 
-The numbers decide whether the log's path should move to obstore; s3fs stays where users pass
-fsspec options either way.
+These numbers moved the log's requests to obstore (``faultkit._storage_s3.ObstoreS3Storage``);
+s3fs stays for snapshots, deletes, and stores given options only s3fs understands.
 """
 
 from __future__ import annotations

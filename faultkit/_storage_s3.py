@@ -170,9 +170,10 @@ class FsspecStorage(Storage):
     def _unavailable(self, what: str, exc: BaseException) -> StoreUnavailableError:
         return StoreUnavailableError(
             f"the store {redact_url(self.url)!r} did not answer while {what} "
-            f"({type(exc).__name__}: {_first_line(exc)}). Nothing committed is lost; a write that timed "
-            "out may have landed, and retrying it is safe. Check the network path to the S3 "
-            "endpoint (or raise config_kwargs connect_timeout/read_timeout), then retry."
+            f"({type(exc).__name__}: {_first_line(exc)}). Nothing committed is lost; a write "
+            "that timed out may have landed, and retrying it is safe. Check the network path "
+            "to the S3 endpoint (or raise config_kwargs connect_timeout/read_timeout), then "
+            "retry."
         )
 
     def _credentials_error(self, code: str) -> StoreConfigError:
