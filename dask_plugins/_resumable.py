@@ -12,12 +12,12 @@ from typing import Any
 
 from distributed.worker import get_worker, thread_state
 
-from faultkit import CheckpointStore, RetryPolicy, key
+from faultkit import CheckpointStore, Fallback, RetryPolicy, _degraded, key
 from faultkit import _resumable as resumable_call
 from faultkit._errors import StoreConfigError
 from faultkit._storage import redact_url
 
-from ._worker import PLUGIN_NAME, _enter_task, _exit_task
+from ._worker import FORWARD_TOPIC, PLUGIN_NAME, _enter_task, _exit_task
 
 __all__ = ["Resumable", "client_scope", "resumable", "stage_key"]
 
@@ -32,6 +32,13 @@ def stage_key(task_key: Any, scope: str) -> str:
     segment each). The default scope is the scheduler's id: one scheduler's lifetime."""
     parts = _flatten(task_key) if isinstance(task_key, tuple) else [task_key]
     return key("dask", scope, *parts)
+
+
+def lineage_of(task_key: Any) -> str:
+    """The task whatever the scheduler: its key (a token of the function and its inputs),
+    under which results are noted for a later ``fallback=``."""
+    parts = _flatten(task_key) if isinstance(task_key, tuple) else [task_key]
+    return key("dask", "lineage", *parts)
 
 
 def _flatten(t: tuple[Any, ...]) -> list[Any]:
@@ -79,6 +86,7 @@ class Resumable:
         scope: str | None = None,
         expire: timedelta | None = None,
         pickle_result: bool = False,
+        fallback: Fallback | timedelta | bool | None = None,
     ) -> None:
         if not callable(fn):
             raise TypeError(f"resumable() needs a function, got {type(fn).__name__}: {fn!r}")
@@ -109,6 +117,7 @@ class Resumable:
         self.scope = scope
         self.expire = expire
         self.pickle_result = bool(pickle_result)
+        self.fallback = _degraded.as_fallback(fallback)
         self.__name__ = getattr(fn, "__name__", type(fn).__name__)
         self.__doc__ = getattr(fn, "__doc__", None)
         self._token: str | None = None
@@ -189,7 +198,10 @@ class Resumable:
             )
         worker, store = self._resolve_store()
         if self.retry is None:
-            return self._attempt(store, worker, task_key, args, kwargs)
+            try:
+                return self._attempt(store, worker, task_key, args, kwargs)
+            except Exception as exc:
+                return self._give_up(store, worker, task_key, exc)
         # The policy decides (on=, attempts, timeout, waits, events); each new attempt
         # claims the stage again, so it fences the failed one and resumes its units.
         t0, attempt, failures = time.monotonic(), 0, collections.Counter[str]()
@@ -207,8 +219,30 @@ class Resumable:
                     key=str(task_key),
                 )
                 if wait is None:
-                    raise
+                    return self._give_up(store, worker, task_key, exc)
             time.sleep(wait)
+
+    def _give_up(self, store: CheckpointStore, worker: Any, task_key: Any, exc: Exception) -> Any:
+        """The task gives up on ``exc``: serve an earlier output if ``fallback=`` allows,
+        else raise ``exc``."""
+        served = resumable_call._fall_back(
+            store,
+            stage_key(task_key, self._scope(worker)),
+            lineage_of(task_key),
+            self.fallback,
+            exc,
+            self.pickle_result,
+            log,
+        )
+        if served is None:
+            raise exc
+        if worker is not None:  # the scheduler's WorkerLossPlugin sends the alert
+            event = _degraded.event_of(served)
+            worker.log_event(FORWARD_TOPIC, {"action": "faultkit-event", **event.to_dict()})
+        return served
+
+    def _scope(self, worker: Any) -> str:
+        return self.scope or (scheduler_scope(worker) if worker is not None else "local")
 
     def _attempt(
         self,
@@ -218,7 +252,7 @@ class Resumable:
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        scope = self.scope or (scheduler_scope(worker) if worker is not None else "local")
+        scope = self._scope(worker)
         wid = id(worker) if worker is not None else None
 
         def body(*a: Any, stage: Any, **kw: Any) -> Any:
@@ -238,6 +272,9 @@ class Resumable:
             expire=self.expire,
             pickle_ok=self.pickle_result,
             logger=log,
+            fallback=self.fallback,
+            lineage=lineage_of(task_key),
+            last_try=False,  # the policy decides in __call__, which serves the fallback
         )
 
 
@@ -249,6 +286,7 @@ def resumable(
     scope: str | None = None,
     expire: timedelta | None = None,
     pickle_result: bool = False,
+    fallback: Fallback | timedelta | bool | None = None,
 ) -> Resumable:
     """Wrap ``fn`` so that, run as a Dask task, it resumes after its worker is lost.
 
@@ -284,11 +322,23 @@ def resumable(
         expire: with ``scope``, a recorded result older than this runs afresh.
         pickle_result: record results that JSON cannot hold with pickle (loading runs code
             from the store, so only for trusted stores).
+        fallback: when the task gives up (its policy's attempts run out, or it fails with no
+            policy) on a failure the fallback covers (infrastructure by default), return the
+            newest output the same task (same function and inputs) recorded under an
+            earlier scheduler, within ``max_age``, wrapped in :class:`faultkit.Degraded`,
+            with one ``degraded`` event. ``True``, a ``timedelta`` (the oldest output to
+            serve) or :class:`faultkit.Fallback`. With no such output the task fails.
 
     Returns:
         A picklable callable; keys derived from it are stable across client sessions, so a
         task resubmitted to the same scheduler finds its stage.
     """
     return Resumable(
-        fn, store=store, retry=retry, scope=scope, expire=expire, pickle_result=pickle_result
+        fn,
+        store=store,
+        retry=retry,
+        scope=scope,
+        expire=expire,
+        pickle_result=pickle_result,
+        fallback=fallback,
     )

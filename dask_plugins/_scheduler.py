@@ -21,6 +21,7 @@ from faultkit._incident import progress
 from faultkit._storage import redact_url
 
 from ._resumable import stage_key
+from ._worker import FORWARD_TOPIC
 
 __all__ = ["PLUGIN_NAME", "WorkerLossPlugin"]
 
@@ -169,6 +170,10 @@ class WorkerLossPlugin(SchedulerPlugin):
                 self._closing.discard(topic)
         elif action == "remove-worker" and topic == "all":
             self._on_remove(msg)
+        elif action == "faultkit-event" and topic == FORWARD_TOPIC:
+            fields = {k: msg[k] for k in ("kind", "key", "message", "details", "dedupe_key")}
+            self._queue.put(("event", Event(**fields, time=float(msg.get("time") or 0))))
+            self._sender()
 
     # -- what a lost worker means ------------------------------------------------------
 
@@ -244,7 +249,7 @@ class WorkerLossPlugin(SchedulerPlugin):
                 self.alerts,
                 store=self._store,
                 dedupe_window=self.dedupe_window,
-                kinds=("worker_lost", "gave_up"),
+                kinds=("worker_lost", "gave_up", "degraded"),
             )
 
     def _run(self) -> None:
@@ -257,6 +262,10 @@ class WorkerLossPlugin(SchedulerPlugin):
             try:
                 if info is None:
                     return
+                if isinstance(info, tuple):  # ("event", an event a task forwarded)
+                    self._counts[info[1].kind] += 1
+                    self._deliver(info[1])
+                    continue
                 for event in self._events(info):
                     self._deliver(event)
             except Exception:

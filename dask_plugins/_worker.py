@@ -33,6 +33,9 @@ __all__ = ["PLUGIN_NAME", "CheckpointPlugin", "register_flush", "running_tasks"]
 log = logging.getLogger("faultkit.dask")
 
 PLUGIN_NAME = "faultkit-checkpoint"
+# Events a task emits on a worker that the scheduler's WorkerLossPlugin alerts on
+# (``worker.log_event``): it holds the channels and the cross-process dedupe.
+FORWARD_TOPIC = "faultkit-events"
 
 # Tasks of this process that run inside a resumable wrapper:
 # thread id -> [task key, flush callbacks, id() of the Worker running it].

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._alerts import Alerter
 from ._classify import classify
+from ._degraded import Degraded, Fallback, degraded, unwrap
 from ._errors import (
     AlertConfigError,
     CheckpointWriteError,
@@ -31,7 +32,9 @@ __all__ = [
     "CheckpointStore",
     "CheckpointWriteError",
     "CorruptCheckpointError",
+    "Degraded",
     "Event",
+    "Fallback",
     "FaultkitError",
     "InvalidKeyError",
     "LinkRefusedError",
@@ -45,7 +48,9 @@ __all__ = [
     "StoreUnavailableError",
     "UnsafeCheckpointError",
     "classify",
+    "degraded",
     "key",
     "retry_test_mode",
     "subscribe",
+    "unwrap",
 ]

@@ -209,6 +209,7 @@ _NOTIFY_TYPE = {
     "resumed": "success",
     "checkpoint_corrupt": "failure",
     "stale_attempt": "warning",
+    "degraded": "warning",
 }
 
 _NEXT = {
@@ -224,6 +225,8 @@ _NEXT = {
     "on the store and check the storage for faults.",
     "stale_attempt": "The stale attempt is stopped; the newer attempt owns the stage and "
     "its work stands. Nothing to do unless this repeats.",
+    "degraded": "Downstream tasks get the earlier output, marked degraded "
+    "(faultkit.degraded(result)). Fix the cause; the next run computes fresh output.",
 }
 
 
@@ -253,6 +256,11 @@ def _lost(event: Event) -> str:
         return "this attempt's uncommitted work"
     if k == "gave_up":
         return "the task's result; committed progress is kept for the next run"
+    if k == "degraded":
+        return (
+            f"this run's output: the output of {d.get('source_key')} "
+            f"({d.get('age_seconds')} s old) is served instead"
+        )
     lost = [f"{name}: {d[name]}" for name in d if "lost" in name]
     return "; ".join(str(x) for x in lost) or "the work of the lost tasks since their last commit"
 

@@ -23,6 +23,7 @@ KINDS = frozenset(
         "resumed",
         "checkpoint_corrupt",
         "stale_attempt",
+        "degraded",
     }
 )
 

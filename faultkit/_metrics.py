@@ -58,6 +58,12 @@ class _Metrics:
             registry=reg,
         )
         self.worker_lost = Counter("faultkit_worker_lost", "Worker-lost reports.", registry=reg)
+        self.degraded = Counter(
+            "faultkit_degraded",
+            "Stages that gave up and served an earlier run's output instead.",
+            ["failure_class"],
+            registry=reg,
+        )
         self.save_seconds = Histogram(
             "faultkit_checkpoint_save_seconds",
             "Time to write and commit one snapshot.",
@@ -117,6 +123,8 @@ class _Metrics:
             self.retries.labels(str(d.get("failure_class", "code"))).inc()
         elif kind == "gave_up":
             self.gave_up.labels(str(d.get("reason", "unknown"))).inc()
+        elif kind == "degraded":
+            self.degraded.labels(str(d.get("failure_class", "infrastructure"))).inc()
         elif kind == "worker_lost":
             self.worker_lost.inc()
             lost = d.get("work_lost_seconds")

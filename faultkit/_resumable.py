@@ -13,7 +13,11 @@ nothing else. The sequence:
 3. claim the stage (fencing every older attempt; on the host's first try of the task the
    claim rides on its first commit), check again (another attempt may have finished
    meanwhile), run ``fn(*args, stage=stage, **kwargs)``;
-4. record what it returned with the one codec (``faultkit._codec``).
+4. record what it returned with the one codec (``faultkit._codec``), and, with a
+   ``fallback``, note it as the newest good output of its ``lineage``;
+5. if the body raised on the host's last try and the fallback covers the failure, return
+   the lineage's newest earlier output instead, wrapped in ``Degraded``
+   (``faultkit._degraded``).
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
-from . import _codec
+from . import _codec, _degraded
+from ._degraded import Degraded, Fallback
 from ._store import CheckpointStore, Stage
 
 __all__ = ["accepts_stage", "call", "call_async", "recorded", "store_for"]
@@ -138,6 +143,10 @@ def call(
     make_stage: Callable[[CheckpointStore, str], Stage] | None = None,
     first_try: bool = False,
     logger: logging.Logger | None = None,
+    fallback: Fallback | None = None,
+    lineage: str | None = None,
+    last_try: bool = True,
+    on_degraded: Callable[[Degraded[Any]], Any] | None = None,
 ) -> Any:
     """Run ``fn(*args, stage=stage, **kwargs)`` as a resumable call of stage ``key``.
 
@@ -156,9 +165,19 @@ def call(
             it: the claim then rides on the first commit (``Stage.claim(lazy=True)``),
             saving one record. Leave it False when unsure: that is always correct.
         logger: the host's logger (default ``faultkit.resumable``).
+        fallback: serve the newest earlier output of ``lineage`` when the body fails on
+            the last try with a failure the fallback covers (see ``faultkit.Fallback``).
+        lineage: the task whatever the run (the host's DAG/flow/graph and task, map index
+            or inputs): where results are noted for a later fallback.
+        last_try: the host will not retry this task after a failure (so a fallback may be
+            served); a host that decides later (Dask's policy loop) passes False and calls
+            :func:`faultkit._degraded.serve` itself.
+        on_degraded: what to return for a served fallback, given the ``Degraded`` (the
+            host's own marking, e.g. a Prefect state named ``Degraded``); default: it.
 
     Returns:
-        What ``fn`` returned, or the recorded result of an earlier attempt that finished.
+        What ``fn`` returned, the recorded result of an earlier attempt that finished, or
+        (with ``fallback``) a ``Degraded`` earlier output.
     """
     logger = logger or log
     stage, done, value = _prepare(
@@ -168,9 +187,47 @@ def call(
         return value
     if on_stage is not None:
         on_stage(stage)
-    value = fn(*args, stage=stage, **dict(kwargs or {}))
+    try:
+        value = fn(*args, stage=stage, **dict(kwargs or {}))
+    except Exception as exc:
+        served = _fall_back(store, key, lineage, fallback, exc, pickle_ok, logger, last_try)
+        if served is None:
+            raise
+        return on_degraded(served) if on_degraded is not None else served
     _record(stage, value, pickle_ok, getattr(fn, "__qualname__", repr(fn)), logger)
+    if fallback is not None and lineage:
+        _degraded.remember(store, lineage, key)
     return value
+
+
+def _fall_back(
+    store: CheckpointStore,
+    key: str,
+    lineage: str | None,
+    fallback: Fallback | None,
+    exc: BaseException,
+    pickle_ok: bool,
+    logger: logging.Logger,
+    last_try: bool = True,
+) -> Any:
+    """The ``Degraded`` output to return for a body that raised ``exc``, or None to let
+    the failure stand. Looking for one never hides the failure: if the lookup itself
+    fails, the original error is raised."""
+    if fallback is None or not lineage or not last_try:
+        return None
+    try:
+        return _degraded.serve(
+            store,
+            key=key,
+            lineage=lineage,
+            fallback=fallback,
+            error=exc,
+            pickle_ok=pickle_ok,
+            logger=logger,
+        )
+    except Exception as lookup:
+        logger.warning("stage %s: no fallback could be looked up (%s)", key, lookup)
+        return None
 
 
 async def call_async(
@@ -186,6 +243,10 @@ async def call_async(
     on_stage: Callable[[Stage], object] | None = None,
     first_try: bool = False,
     logger: logging.Logger | None = None,
+    fallback: Fallback | None = None,
+    lineage: str | None = None,
+    last_try: bool = True,
+    on_degraded: Callable[[Degraded[Any]], Any] | None = None,
 ) -> Any:
     """:func:`call` for a coroutine function (the store's I/O runs in a worker thread)."""
     import asyncio
@@ -198,8 +259,18 @@ async def call_async(
         return value
     if on_stage is not None:
         on_stage(stage)
-    value = await fn(*args, stage=stage, **dict(kwargs or {}))
+    try:
+        value = await fn(*args, stage=stage, **dict(kwargs or {}))
+    except Exception as exc:
+        served = await asyncio.to_thread(
+            _fall_back, store, key, lineage, fallback, exc, pickle_ok, logger, last_try
+        )
+        if served is None:
+            raise
+        return on_degraded(served) if on_degraded is not None else served
     await asyncio.to_thread(
         _record, stage, value, pickle_ok, getattr(fn, "__qualname__", repr(fn)), logger
     )
+    if fallback is not None and lineage:
+        await asyncio.to_thread(_degraded.remember, store, lineage, key)
     return value

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from faultkit import _degraded
 from faultkit import _resumable as resumable
 from faultkit._errors import StaleAttemptError
 
@@ -132,6 +133,35 @@ def _first_try() -> bool:
     return tr.run_count <= 1 and 0 < (tr.flow_run_run_count or 0) <= 1
 
 
+def _last_try() -> bool:
+    """True if Prefect will not retry this task run after a failure: its ``run_count`` has
+    reached ``retries + 1`` (outside a task run: True)."""
+    from prefect.context import TaskRunContext
+
+    ctx = TaskRunContext.get()
+    tr = ctx.task_run if ctx is not None else None
+    if tr is None:
+        return True
+    return tr.run_count > int(getattr(ctx.task, "retries", 0) or 0)
+
+
+def _degraded_state(served: Any, alerts: Any) -> Any:
+    """The ``Completed`` state named ``Degraded`` a task returns when it served an earlier
+    output; its result is the :class:`faultkit.Degraded` wrapper. Sends the one ``degraded``
+    alert when the task has ``alerts=``."""
+    from prefect.states import Completed
+
+    if alerts is not None:
+        from ._hooks import _send
+
+        _send(alerts, _degraded.event_of(served))
+    return Completed(
+        data=served,
+        name="Degraded",
+        message=f"serving the output of {served.source_key}: {served.reason}"[:500],
+    )
+
+
 def _superseded(flow_run_id: Any, run_count: int, state_id: Any, wait: float) -> str:
     """Why the server no longer counts this process as the flow run's runner ("" while it
     does): a newer run of the flow run started, or its state is no longer the ``Running``
@@ -215,6 +245,7 @@ def resumable_task(
     expire: _dt.timedelta | None = None,
     alerts: Any = None,
     pickle_result: bool = False,
+    fallback: Any = None,
     **task_kwargs: Any,
 ) -> Any:
     """A Prefect ``@task`` whose function receives ``stage=`` and resumes after a crash.
@@ -249,6 +280,13 @@ def resumable_task(
             the task fails for good (deduplicated through ``store``).
         pickle_result: record results the codec cannot give back exactly with pickle
             (loading runs code from the store: trusted stores only).
+        fallback: when the task fails on its last try (Prefect's ``retries`` spent) with a
+            failure the fallback covers (infrastructure by default), it completes instead
+            with the newest output the same task (same flow, task and inputs) recorded in an
+            earlier flow run, within ``max_age``: a ``Completed`` state named ``Degraded``
+            whose result is a :class:`faultkit.Degraded`, and one ``degraded`` alert.
+            ``True``, a ``timedelta`` (the oldest output to serve) or
+            :class:`faultkit.Fallback`. With no such output the task fails as before.
         **task_kwargs: passed to ``prefect.task`` (``name``, ``tags``, ``timeout_seconds``...).
 
     Returns:
@@ -271,6 +309,7 @@ def resumable_task(
             expire=expire,
             alerts=alerts,
             pickle_result=pickle_result,
+            fallback=fallback,
             **task_kwargs,
         )
     from ._retry_task import ResumableTask
@@ -287,6 +326,7 @@ def resumable_task(
     alert_ref = AlertRef(alerts, store_ref) if alerts is not None else None
     policy = PolicyRef.of(retry)
 
+    falls_back = _degraded.as_fallback(fallback)
     expire = expire or task_kwargs.get("cache_expiration")
     refresh = bool(task_kwargs.get("refresh_cache"))
 
@@ -302,7 +342,20 @@ def resumable_task(
             k = _user_key(key(**inputs))
         else:
             k = _user_key(key.format(**{**params, **inputs}) if "{" in key else key)
+        if falls_back is not None:
+            from faultkit import key as make_key
+
+            extra = {
+                "fallback": falls_back,
+                # The task whatever the flow run: where results are noted for a fallback.
+                "lineage": make_key("prefect", flow_name, task_name, _digest(inputs)),
+                "last_try": _last_try(),
+                "on_degraded": lambda served: _degraded_state(served, alert_ref),
+            }
+        else:
+            extra = {}
         return {
+            **extra,
             "store": store_ref.get(),
             "key": k,
             "first_try": _first_try(),

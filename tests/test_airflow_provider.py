@@ -152,6 +152,39 @@ with DAG("fk_unit_notify", schedule=None, start_date=datetime(2024, 1, 1), catch
 """
 
 
+# A publish task that falls back to the last good output when it gives up.
+DEGRADE_DAG = """
+from __future__ import annotations
+
+import os
+from datetime import datetime, timedelta
+
+from airflow.sdk import DAG, task
+
+from faultkit import Fallback, degraded, unwrap
+
+with DAG("fk_unit_degrade", schedule=None, start_date=datetime(2024, 1, 1), catchup=False,
+         params={"fail": ""}) as dag:
+
+    @task.resumable(store_url=os.environ["FK_UNIT_STORE"], retries=1,
+                    retry_delay=timedelta(0), alerts=[os.environ["FK_UNIT_ALERT_URL"]],
+                    fallback=Fallback(max_age=timedelta(hours=1)))
+    def publish(*, stage, params=None, ti=None):
+        with open(os.environ["FK_UNIT_STORE"][len("file://"):] + "-tries", "a") as f:
+            f.write(f"{ti.run_id} {ti.try_number}\\n")
+        if params["fail"]:
+            raise {"reset": ConnectionResetError, "bug": ValueError}[params["fail"]]("dw")
+        return {"rows": 42}
+
+    @task
+    def report(out):
+        d = degraded(out)
+        return {"from": d.source_key if d else None, "rows": unwrap(out)["rows"]}
+
+    report(publish())
+"""
+
+
 @pytest.fixture(scope="module")
 def receiver():
     """A real HTTP alert receiver shared by the module."""
@@ -174,6 +207,7 @@ def airflow_home(tmp_path_factory, receiver):
         ("fk_unit_slow", SLOW_DAG),
         ("fk_unit_templated", TEMPLATED_DAG),
         ("fk_unit_notify", NOTIFY_DAG),
+        ("fk_unit_degrade", DEGRADE_DAG),
     ):
         (dags / f"{name}.py").write_text(textwrap.dedent(text))
     conn = {
@@ -342,6 +376,34 @@ def test_non_retryable_error_fails_at_once(airflow_home, receiver):
     titles = [a["title"] for a in alerts]
     assert any("gave up" in t for t in titles), titles
     assert not any("retry scheduled" in t for t in titles), titles
+
+
+def test_task_that_gives_up_serves_the_last_runs_output(airflow_home, receiver):
+    """Run 1 publishes; in run 2 both tries fail on the infrastructure: the task succeeds
+    with run 1's output, marked so the downstream task tells it apart (through XCom), with a
+    DEGRADED log line, a faultkit_degraded XCom and one degraded alert. A code bug fails."""
+    before = len(receiver.messages())
+    dag = airflow_home.dag("fk_unit_degrade")
+    tries = Path(os.environ["FK_UNIT_STORE"][len("file://") :] + "-tries")
+    dr1 = dag.test(run_conf={"fail": ""})
+    assert dr1.state == "success"
+    assert _xcom(dr1, "report") == {"from": None, "rows": 42}
+    dr2 = dag.test(run_conf={"fail": "reset"})
+    assert dr2.state == "success"
+    ti = _tis(dr2)[("publish", -1)]
+    assert ti.try_number == 2 and ti.state == "success"
+    source = stage_key("fk_unit_degrade", dr1.run_id, "publish", -1)
+    assert _xcom(dr2, "report") == {"from": source, "rows": 42}
+    assert tries.read_text().splitlines()[-3:] == [
+        f"{dr1.run_id} 1",
+        f"{dr2.run_id} 1",
+        f"{dr2.run_id} 2",
+    ]  # both tries of run 2 ran and failed
+    alerts = [m for m in receiver.wait_for(before + 1, 30)[before:] if "degraded" in m["title"]]
+    assert len(alerts) == 1 and source in alerts[0]["message"]
+    dr3 = dag.test(run_conf={"fail": "bug"})
+    assert dr3.state == "failed"
+    assert [m for m in receiver.messages()[before:] if "degraded" in m["title"]] == alerts
 
 
 def test_mapped_keys_distinct_per_index_stable_across_tries(airflow_home):

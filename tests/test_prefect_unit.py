@@ -348,6 +348,57 @@ def test_gave_up_alert_when_a_task_fails_for_good(tmp_path, alert_receiver):
     assert len(msgs) == 1 and "gave_up" in json.dumps(msgs[0])
 
 
+def test_task_that_gives_up_completes_degraded_with_the_last_runs_output(tmp_path, alert_receiver):
+    """Run 1 of a flow publishes; in run 2 the task fails on both of its tries with an
+    infrastructure failure and completes in a state named ``Degraded`` whose result is run
+    1's output, wrapped, which a downstream task tells apart; one ``degraded`` alert. A code
+    bug on run 3 still fails the flow."""
+    from datetime import timedelta
+
+    from prefect import task
+
+    from faultkit import Fallback, degraded
+
+    flag, tries = tmp_path / "fail", tmp_path / "tries"
+
+    @resumable_task(
+        store=f"file://{tmp_path / 'store'}",
+        alerts=[alert_receiver.url()],
+        retries=1,
+        retry_delay_seconds=0,
+        fallback=Fallback(max_age=timedelta(hours=1)),
+    )
+    def publish(day: str, stage) -> dict:
+        with open(tries, "a") as f:
+            f.write(f"{stage.key}\n")
+        if flag.exists():
+            raise {"reset": ConnectionResetError, "bug": ValueError}[flag.read_text()]("dw")
+        return {"rows": 42, "day": day}
+
+    @task
+    def report(out) -> str:
+        d = degraded(out)
+        return f"degraded from {d.source_key}" if d else f"fresh {out['rows']}"
+
+    @flow
+    def nightly() -> tuple:
+        state = publish("2026-12-01", return_state=True)
+        return state.name, report(state.result())
+
+    assert nightly() == ("Completed", "fresh 42")
+    [first] = tries.read_text().splitlines()
+    flag.write_text("reset")
+    name, said = nightly()
+    assert name == "Degraded" and said == f"degraded from {first}"
+    assert len(tries.read_text().splitlines()) == 3  # both tries of run 2 ran and failed
+    msgs = alert_receiver.wait_for(1)
+    assert len(msgs) == 1 and "degraded" in msgs[0]["title"] and first in msgs[0]["message"]
+    flag.write_text("bug")
+    assert nightly(return_state=True).is_failed()
+    assert len(tries.read_text().splitlines()) == 5
+    assert [m for m in alert_receiver.messages() if "degraded" in m["title"]] == msgs
+
+
 def test_dask_task_runner_resumes(tmp_path):
     """On the Dask task runner (worker processes) tasks run once, and a run of the flow with a
     named scope (key=) returns their recorded results without running them."""

@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.standard.operators.python import PythonOperator
 
-from faultkit import CheckpointStore, Event, Stage, subscribe
+from faultkit import CheckpointStore, Event, Stage, _degraded, subscribe
 from faultkit import _resumable as resumable
+from faultkit import key as fk_key
 
 from .._common import POINTER, incident_event, log, resolve_store, ti_stage_key
 
@@ -26,7 +27,7 @@ __all__ = ["ResumablePythonOperator", "apply_retry"]
 # a fenced zombie is part of the incident that the try which fenced it reports (its "retry
 # scheduled" alert says what was kept), and one incident is one alert; the fenced write is
 # in the zombie's task log and the faultkit_fenced_writes_total counter.
-_FORWARD = frozenset({"checkpoint_corrupt"})
+_FORWARD = frozenset({"checkpoint_corrupt", "degraded"})
 
 
 class _TrackedStage(Stage):
@@ -150,6 +151,7 @@ class ResumablePythonOperator(PythonOperator):
         retry: RetryPolicy | None = None,
         alerts: Sequence[str] | None = None,
         progress_interval: float = 5.0,
+        fallback: Any = None,
         **kwargs: Any,
     ) -> None:
         if store_conn_id and store_url:
@@ -168,6 +170,7 @@ class ResumablePythonOperator(PythonOperator):
         self.retry = retry
         self.alerts = list(alerts) if alerts is not None else None
         self.progress_interval = float(progress_interval)
+        self.fallback = _degraded.as_fallback(fallback)
 
     @classmethod
     def partial(cls, *, retry: RetryPolicy | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
@@ -275,6 +278,20 @@ class ResumablePythonOperator(PythonOperator):
                     alerter.post(event)
 
             unsubscribe = subscribe(forward)
+
+        def on_degraded(served: _degraded.Degraded[Any]) -> Any:
+            self.log.warning(
+                "FAULTKIT DEGRADED: %s gave up (%s); serving the output of %s (%s old)",
+                key,
+                served.reason,
+                served.source_key,
+                served.age,
+            )
+            out = served.to_dict()
+            ti.xcom_push(key=_degraded.MARK, value=out[_degraded.MARK])
+            return out
+
+        max_tries = getattr(ti, "max_tries", None)
         try:
             result = resumable.call(
                 body,
@@ -284,6 +301,10 @@ class ResumablePythonOperator(PythonOperator):
                 make_stage=lambda st, k: _TrackedStage(st, k, pointer),
                 first_try=ti.try_number <= 1,
                 logger=self.log,
+                fallback=self.fallback,
+                lineage=fk_key("airflow", ti.dag_id, ti.task_id, str(ti.map_index)),
+                last_try=ti.try_number > (self.retries if max_tries is None else max_tries),
+                on_degraded=on_degraded,
             )
         except BaseException as exc:
             if stages:
