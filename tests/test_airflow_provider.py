@@ -182,6 +182,17 @@ with DAG("fk_unit_degrade", schedule=None, start_date=datetime(2024, 1, 1), catc
         return {"from": d.source_key if d else None, "rows": unwrap(out)["rows"]}
 
     report(publish())
+
+    @task.resumable(store_url=os.environ["FK_UNIT_STORE"], fallback=True, no_fallback="skip",
+                    task_id="publish_or_skip")
+    def publish_or_skip(*, stage):
+        raise ConnectionResetError("the warehouse is unreachable")
+
+    @task
+    def after(out):
+        return "ran"
+
+    after(publish_or_skip())
 """
 
 
@@ -404,6 +415,10 @@ def test_task_that_gives_up_serves_the_last_runs_output(airflow_home, receiver):
     dr3 = dag.test(run_conf={"fail": "bug"})
     assert dr3.state == "failed"
     assert [m for m in receiver.messages()[before:] if "degraded" in m["title"]] == alerts
+    # no_fallback="skip": nothing earlier to serve, so it and its downstream are skipped.
+    tis = _tis(dr1)
+    assert tis[("publish_or_skip", -1)].state == "skipped"
+    assert tis[("after", -1)].state == "skipped"
 
 
 def test_mapped_keys_distinct_per_index_stable_across_tries(airflow_home):

@@ -136,6 +136,16 @@ class ResumablePythonOperator(PythonOperator):
             :class:`~airflow_provider.notifications.FaultkitNotifier` callbacks for failures
             that are reported; both deduplicate through the store into one alert.
         progress_interval: seconds between progress-pointer updates.
+        fallback: when the last try fails on a failure the fallback covers (infrastructure
+            by default), succeed instead with the newest output this task (same DAG, task
+            and map index) recorded in an earlier DAG run, within ``max_age``: the XCom holds
+            ``faultkit.Degraded.to_dict()`` (``faultkit.degraded``/``unwrap`` read it), a
+            ``faultkit_degraded`` XCom holds the facts, the log says ``FAULTKIT DEGRADED``,
+            and one ``degraded`` alert goes out. ``True``, a ``timedelta`` (the oldest output
+            to serve) or :class:`faultkit.Fallback`.
+        no_fallback: with ``fallback=``, what a last try that has no earlier output to serve
+            does: ``"fail"`` (default) or ``"skip"`` (the task and, by the default trigger
+            rule, what depends on it are skipped).
         **kwargs: passed to :class:`~airflow.providers.standard.operators.python.PythonOperator`.
     """
 
@@ -152,6 +162,7 @@ class ResumablePythonOperator(PythonOperator):
         alerts: Sequence[str] | None = None,
         progress_interval: float = 5.0,
         fallback: Any = None,
+        no_fallback: str = "fail",
         **kwargs: Any,
     ) -> None:
         if store_conn_id and store_url:
@@ -171,6 +182,12 @@ class ResumablePythonOperator(PythonOperator):
         self.alerts = list(alerts) if alerts is not None else None
         self.progress_interval = float(progress_interval)
         self.fallback = _degraded.as_fallback(fallback)
+        if no_fallback not in ("fail", "skip"):
+            raise ValueError(
+                f"no_fallback={no_fallback!r}: 'fail' (the task fails, as without fallback=) "
+                "or 'skip' (the task and what depends on it are skipped)"
+            )
+        self.no_fallback = no_fallback
 
     @classmethod
     def partial(cls, *, retry: RetryPolicy | None = None, **kwargs: Any) -> Any:  # type: ignore[override]
@@ -292,6 +309,7 @@ class ResumablePythonOperator(PythonOperator):
             return out
 
         max_tries = getattr(ti, "max_tries", None)
+        last_try = ti.try_number > (self.retries if max_tries is None else max_tries)
         try:
             result = resumable.call(
                 body,
@@ -303,12 +321,26 @@ class ResumablePythonOperator(PythonOperator):
                 logger=self.log,
                 fallback=self.fallback,
                 lineage=fk_key("airflow", ti.dag_id, ti.task_id, str(ti.map_index)),
-                last_try=ti.try_number > (self.retries if max_tries is None else max_tries),
+                last_try=last_try,
                 on_degraded=on_degraded,
             )
         except BaseException as exc:
             if stages:
                 pointer.finish(stages[0], "failed", error=type(exc).__name__)
+            fb = self.fallback
+            if (
+                fb is not None
+                and self.no_fallback == "skip"
+                and last_try
+                and isinstance(exc, Exception)
+                and fb.covers(exc)
+            ):
+                from airflow.sdk.exceptions import AirflowSkipException
+
+                raise AirflowSkipException(
+                    f"{key} gave up ({type(exc).__name__}: {exc}) and no earlier output "
+                    "could be served: skipped, with what depends on it (no_fallback='skip')"
+                ) from exc
             raise
         finally:
             if unsubscribe is not None:
