@@ -37,6 +37,7 @@ __all__ = [
     "as_fallback",
     "degraded",
     "event_of",
+    "expire_notes",
     "remember",
     "serve",
     "unwrap",
@@ -222,6 +223,20 @@ def remember(store: CheckpointStore, lineage: str, key: str) -> None:
         store._storage.create(f"{_folder(lineage)}/{name}", body)
     except Exception as exc:
         log.warning("could not note %s as the last good output of %s: %s", key, lineage, exc)
+
+
+def expire_notes(store: CheckpointStore, older_than: float) -> int:
+    """Remove the notes of results recorded more than ``older_than`` seconds ago (with
+    ``faultkit gc --older-than``, which removes their stages); returns how many."""
+    cutoff = time.time() - older_than
+    gone = 0
+    for lineage in store._storage.subdirs(_GOOD):
+        for name in store._storage.list(f"{_GOOD}/{lineage}"):
+            stamp = name.split("-", 1)[0]
+            if stamp.isdigit() and int(stamp) / 1e6 < cutoff:
+                store._storage.delete(f"{_GOOD}/{lineage}/{name}")
+                gone += 1
+    return gone
 
 
 def _candidates(store: CheckpointStore, lineage: str, oldest: float) -> list[tuple[str, float]]:

@@ -271,6 +271,10 @@ class CheckpointStore:
             if fin is not None and now - fin.ts > older_than:
                 self.delete(k)
                 gone.append(k)
+        if not prefix:  # and the notes that named such results as fallbacks (fallback=)
+            from ._degraded import expire_notes
+
+            expire_notes(self, older_than)
         return gone
 
     def gc(self, key: str, keep: int = 3, grace: float = 600.0) -> dict[str, Any]:

@@ -272,3 +272,25 @@ def test_dask_task_that_gives_up_serves_the_last_scheduler_output(tmp_path):
         alerts = [m for m in receiver.messages() if "degraded" in m["title"]]
         assert len(alerts) == 1, alerts
         assert "serving the output of dask/scheduler-" in alerts[0]["message"]
+
+
+def test_gc_older_than_removes_old_notes_too(store, monkeypatch):
+    """``faultkit gc --older-than`` (store.expire) removes old finished stages and the notes
+    that named them as fallbacks; newer ones stay and are still served."""
+    _run(store, "run-1", rows=5)
+    later = time.time() + 7200
+    real = time.time
+    monkeypatch.setattr(_degraded.time, "time", lambda: later)
+    _run(store, "run-2", rows=7)
+    monkeypatch.setattr(_degraded.time, "time", real)
+    folder = _degraded._folder(LINEAGE)
+    assert len(store._storage.list(folder)) == 2
+    import faultkit._store as store_mod
+
+    monkeypatch.setattr(store_mod.time, "time", lambda: later + 10)
+    monkeypatch.setattr(_degraded.time, "time", lambda: later + 10)
+    gone = store.expire(3600)
+    assert gone == ["etl/nightly/run-1/publish"]
+    assert len(store._storage.list(folder)) == 1
+    out = _run(store, "run-3", rows=9, fail=ConnectionResetError)
+    assert out.source_key == "etl/nightly/run-2/publish"
