@@ -34,6 +34,7 @@ from typing import Any
 
 from . import _codec, _degraded
 from ._degraded import Degraded, Fallback
+from ._errors import StaleAttemptError
 from ._store import CheckpointStore, Stage
 
 __all__ = ["accepts_stage", "call", "call_async", "recorded", "store_for"]
@@ -213,8 +214,8 @@ def _fall_back(
     """The ``Degraded`` output to return for a body that raised ``exc``, or None to let
     the failure stand. Looking for one never hides the failure: if the lookup itself
     fails, the original error is raised."""
-    if fallback is None or not lineage or not last_try:
-        return None
+    if fallback is None or not lineage or not last_try or isinstance(exc, StaleAttemptError):
+        return None  # a fenced attempt did not give up: a newer one owns the stage
     try:
         return _degraded.serve(
             store,

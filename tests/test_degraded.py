@@ -139,6 +139,30 @@ def test_no_earlier_output_fails_as_before(store, events):
     assert _degraded_events(events) == []
 
 
+def test_a_fenced_attempt_never_serves_a_fallback(store, events):
+    """A zombie whose write was fenced did not give up (a newer attempt owns the stage):
+    StaleAttemptError passes through even with a fallback that covers every failure."""
+    from faultkit import StaleAttemptError
+
+    _run(store, "run-1", rows=5)
+    newer = store.stage("etl/nightly/run-2/publish")
+
+    def zombie(*, stage):
+        stage.done(0, 0)
+        newer.claim()  # a newer attempt claims while this one still runs
+        stage.done(1, 1)
+
+    with pytest.raises(StaleAttemptError):
+        call(
+            zombie,
+            store=store,
+            key="etl/nightly/run-2/publish",
+            fallback=Fallback(on=("infrastructure", "code")),
+            lineage=LINEAGE,
+        )
+    assert _degraded_events(events) == []
+
+
 def test_output_older_than_max_age_is_not_served(store, events, monkeypatch):
     """max_age bounds what is served: an hour later, a 30-minute fallback finds nothing."""
     _run(store, "run-1", rows=5)
