@@ -37,8 +37,7 @@ def stage_key(task_key: Any, scope: str) -> str:
 def lineage_of(task_key: Any) -> str:
     """The task whatever the scheduler: its key (a token of the function and its inputs),
     under which results are noted for a later ``fallback=``."""
-    parts = _flatten(task_key) if isinstance(task_key, tuple) else [task_key]
-    return key("dask", "lineage", *parts)
+    return stage_key(task_key, "lineage")
 
 
 def _flatten(t: tuple[Any, ...]) -> list[Any]:

@@ -141,6 +141,7 @@ class FsspecStorage(Storage):
             try:
                 self._fs, self._fs_pid = self._remake(), os.getpid()
             except (TypeError, ValueError, KeyError) as exc:
+                # s3fs's own checks ("Supply either key or username, not both", ...).
                 raise StoreConfigError(f"s3fs refused the options of {self.url!r}: {exc}") from exc
         return self._fs
 
@@ -159,13 +160,16 @@ class FsspecStorage(Storage):
     def _write_error(self, path: str, exc: BaseException) -> Exception:
         code = _code(exc)
         if code == "NoSuchBucket" or (isinstance(exc, FileNotFoundError) and not self.exists()):
-            return StoreConfigError(
-                f"bucket {self.bucket!r} of {redact_url(self.url)!r} does not exist: create "
-                "it (or fix the store URL), then retry the task"
-            )
+            return self._no_bucket_error()
         if code in _CREDENTIALS:
             return self._credentials_error(code)
         return write_error(path, exc, self.url)
+
+    def _no_bucket_error(self) -> StoreConfigError:
+        return StoreConfigError(
+            f"bucket {self.bucket!r} of {redact_url(self.url)!r} does not exist: create "
+            "it (or fix the store URL), then retry the task"
+        )
 
     def _unavailable(self, what: str, exc: BaseException) -> StoreUnavailableError:
         return StoreUnavailableError(
@@ -532,10 +536,11 @@ def _in_async_code() -> bool:
 
 
 class ObstoreS3Storage(FsspecStorage):
-    """An ``s3://`` store whose log path (create, read, the commit's neighbour checks) goes
-    through obstore, Rust's ``object_store``: a request costs a fraction of s3fs's Python
-    overhead, and several go out at once without a Python thread each. Everything else
-    (listing, large objects, deletes, streaming reads) stays on s3fs.
+    """An ``s3://`` store whose log path (create, read, listing the log, the commit's
+    neighbour checks) goes through obstore, Rust's ``object_store``: a request costs a
+    fraction of s3fs's Python overhead, and several go out at once without a Python thread
+    each. Everything else (large objects, deletes, walks, ``info``, streaming reads) stays on
+    s3fs, made at its first use.
 
     Used where obstore can do what the options say (see :func:`obstore_config`); in a
     process forked after obstore's runtime started, and inside a running event loop, the
@@ -571,10 +576,7 @@ class ObstoreS3Storage(FsspecStorage):
         if code in _CREDENTIALS:
             return self._credentials_error(code)
         if code == "NoSuchBucket":
-            return StoreConfigError(
-                f"bucket {self.bucket!r} of {redact_url(self.url)!r} does not exist: create "
-                "it (or fix the store URL), then retry the task"
-            )
+            return self._no_bucket_error()
         if _ob_unreachable(exc):
             return self._unavailable(what, exc)
         text = _first_line(exc)
@@ -610,15 +612,10 @@ class ObstoreS3Storage(FsspecStorage):
         ob = self._client()
         if ob is None:
             return super().read(path)
-        import obstore
-
-        try:
-            return bytes(obstore.get(ob, self._key(path)).bytes())
-        except Exception as exc:
-            err = self._ob_read_error(exc)
-            if err is exc:
-                raise FileNotFoundError(errno.ENOENT, "no such object", path) from exc
-            raise err from exc
+        data = self._ob_get_or_none(ob, self._key(path))
+        if data is None:
+            raise FileNotFoundError(errno.ENOENT, "no such object", path)
+        return data
 
     async def _ob_get(self, ob: Any, key: str) -> bytes | None:
         import obstore
@@ -1076,13 +1073,9 @@ def open_s3(rest: str, *, create: bool = True, **options: Any) -> FsspecStorage:
         # request needs it: a task's claim and commits do not.
         storage = ObstoreS3Storage(None, bucket_prefix, url, ob_config, make_fs)
     else:
-        try:
-            fs = make_fs()
-        except (TypeError, ValueError, KeyError) as exc:
-            # s3fs's own checks ("Supply either key or username, not both", ...).
-            raise StoreConfigError(f"s3fs refused the options of 's3://{rest}': {exc}") from exc
         log.debug("%s: every request through s3fs (%s)", url, why)
-        storage = FsspecStorage(fs, bucket_prefix, url, make_fs)
+        storage = FsspecStorage(None, bucket_prefix, url, make_fs)
+        storage.fs  # noqa: B018 - made now, so s3fs's own checks of the options fail here
     if not create and not storage.exists():
         raise StoreConfigError(
             f"no store at 's3://{bucket_prefix}': bucket {bucket!r} does not exist or is not "
