@@ -85,6 +85,10 @@ class PrefectStack:
         host: a :class:`~faultkit.testing.Host` to run the server on (it listens on the
             host's address; this process's API calls go through the host's namespace).
         serve: also run ``flows/serve.py`` (off when workers of a work pool run the flows).
+        db_url: the server's database (``postgresql+asyncpg://...``), as a production server
+            runs; default a SQLite file in ``workdir``. On SQLite one writer at a time holds
+            the lock, and a trigger evaluation that loses it four times is dropped, so a
+            loaded machine can miss a heartbeat window (see ``prefect_blocks._crash``).
     """
 
     def __init__(
@@ -99,6 +103,7 @@ class PrefectStack:
         zombies: bool = True,
         host: Any = None,
         serve: bool = True,
+        db_url: str | None = None,
     ) -> None:
         self.store_url = store_url
         self.alert_urls = list(alert_urls)
@@ -110,6 +115,7 @@ class PrefectStack:
         self.zombies = zombies
         self.host = host
         self.serve = serve
+        self.db_url = db_url
         self.port = 4200 if host is not None else free_port()
         self.server: subprocess.Popen[bytes] | None = None
         self.serving: subprocess.Popen[bytes] | None = None
@@ -136,7 +142,7 @@ class PrefectStack:
                 "PREFECT_RUNNER_POLL_FREQUENCY": str(max(1, round(self.poll_seconds))),
                 "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
                 "PREFECT_API_DATABASE_CONNECTION_URL": (
-                    f"sqlite+aiosqlite:///{self.workdir / 'home' / 'prefect.db'}"
+                    self.db_url or f"sqlite+aiosqlite:///{self.workdir / 'home' / 'prefect.db'}"
                 ),
                 "PREFECT_LOGGING_LEVEL": "INFO",
                 # SQLite takes one writer at a time: a trigger evaluation that loses the lock

@@ -1,8 +1,10 @@
 """What the cluster tests share: their events files, and the raw-log check of a stage run on
 the store host (``scripts/s3_check.py``)."""
 
+import contextlib
 import json
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 SCRIPTS = Path(__file__).parent / "scripts"
@@ -12,6 +14,19 @@ def read_events(path: Path) -> list[list[str]]:
     """The events file's lines, split (``START host ...``, ``UNIT ...``, ``STALE ...``)."""
     text = path.read_text() if path.exists() else ""
     return [ln.split() for ln in text.splitlines() if ln.strip()]
+
+
+@contextlib.contextmanager
+def logs_on_failure(logs: Callable[[], list[Path]], tail: int = 6000) -> Iterator[None]:
+    """On a failure inside the block, print the end of each log ``logs()`` names (pytest
+    shows it with the failure), so an intermittent failure leaves its evidence behind."""
+    try:
+        yield
+    except BaseException:
+        for path in logs():
+            text = path.read_text(errors="replace") if path.exists() else "(missing)"
+            print(f"\n===== {path} (last {tail} chars) =====\n{text[-tail:]}")
+        raise
 
 
 def s3_report(store_host, s3, bucket: str, key: str, env: dict) -> dict:
