@@ -35,6 +35,7 @@ POINTS = (
     "filesink.staged",  # FileSink: bytes in a staging object, unit not yet recorded done
     "filesink.committed",  # FileSink: unit recorded done, final object not yet published
     "filesink.published",  # FileSink: final object created, staging object not yet removed
+    "mlflow.sent",  # MlflowRun: a batch of metric points is in MLflow, not yet noted as sent
 )
 
 

@@ -106,6 +106,9 @@ def run(a: argparse.Namespace, console: Console) -> int:
     try:
         return _run(cfg, console)
     finally:
+        from ._train import MLFLOW_ENV
+
+        os.environ.pop(MLFLOW_ENV, None)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -148,6 +151,7 @@ def _run(cfg: DemoConfig, console: Console) -> int:
         f"weights {ref_digest[:12]}"
     )
 
+    tracking = _mlflow_store(cfg)
     with AlertReceiver() as receiver:
         cfg.alert_urls = [receiver.url()]
         alerter = _alerter(cfg)
@@ -172,12 +176,19 @@ def _run(cfg: DemoConfig, console: Console) -> int:
             alerts = receiver.messages()
 
     ok = all(s.ok for s in stages) and kills >= 1 and len(alerts) == kills
+    mlflow: dict[str, Any] = {"skipped": tracking} if tracking.startswith("no ") else {}
+    if not mlflow:
+        from ._train import mlflow_summary
+
+        mlflow = mlflow_summary(tracking, cfg.steps)
+        ok = ok and mlflow["ok"]
     report = {
         "engine": cfg.engine,
         "ok": ok,
         "alerts_received": len(alerts),
         "alerts": [{"title": m.get("title"), "message": m.get("message")} for m in alerts],
         "stages": [{**s.to_dict(), "weights_equal": s.weights_equal} for s in stages],
+        "mlflow": mlflow,
         "overhead": {"plain_etl_s": plain_s, "resumable_etl_s": resumable_s},
         "seconds": round(time.monotonic() - t_all, 2),
         "config": {k: v for k, v in vars(cfg).items() if k not in ("alert_urls", "work_dir")},
@@ -187,6 +198,23 @@ def _run(cfg: DemoConfig, console: Console) -> int:
     png = write_timeline(cfg.out, stages)
     console.print(f"report: {path}" + (f", timeline: {png}" if png else ""))
     return 0 if ok else 1
+
+
+def _mlflow_store(cfg: DemoConfig) -> str:
+    """The demo's MLflow tracking store (a SQLite file in its work dir), created here so the
+    training processes find it ready; they inherit its URI. A string starting with "no " says
+    why tracking is skipped."""
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore  # noqa: F401
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        return "no MLflow tracking store installed: pip install 'mlflow>=3.4,<4'"
+    from ._train import MLFLOW_ENV
+
+    uri = f"sqlite:///{cfg.work_dir}/mlflow.db"
+    MlflowClient(uri).search_experiments()  # creates the schema
+    os.environ[MLFLOW_ENV] = uri
+    return uri
 
 
 def _alerter(cfg: DemoConfig) -> Any:

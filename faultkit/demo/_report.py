@@ -61,6 +61,22 @@ def print_tables(console: Console, stages: list[StageOutcome], report: dict[str,
             f"{o['resumable_etl_s'] / max(o['plain_etl_s'], 1e-9):.2f}",
         )
         console.print(ov)
+    m = report.get("mlflow")
+    if m and "skipped" not in m:
+        mt = Table(title="experiment tracking (MLflow), after the training stage's kills")
+        for col in ("runs", "status", "loss points", "duplicates", "every step once", "ok"):
+            mt.add_column(col, justify="right")
+        mt.add_row(
+            str(m["runs"]),
+            str(m["status"]),
+            str(m["points"]),
+            str(m["duplicates"]),
+            _yn(m.get("all_steps")),
+            _yn(m["ok"]),
+        )
+        console.print(mt)
+    elif m:
+        console.print(f"experiment tracking (MLflow): skipped ({m['skipped']})")
     verdict = "[green]OK[/green]" if report["ok"] else "[red]FAILED[/red]"
     console.print(
         f"alerts received: {report['alerts_received']} (kills: "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import random
 import time
 import uuid
@@ -19,6 +20,8 @@ from .._store import CheckpointStore, Stage
 
 __all__ = ["reference_train", "train", "weights_digest"]
 
+MLFLOW_ENV = "FAULTKIT_DEMO_MLFLOW"  # the demo's tracking URI, inherited by its workers
+MLFLOW_EXPERIMENT = "faultkit-demo"
 ROWS = 512
 FEATURES = 16
 CLASSES = 4
@@ -92,8 +95,12 @@ def _run(
     async_save: bool = True,
     keep: int | None = 3,
     on_event: Callable[[str, int], None] | None = None,
+    tracking: Any = None,
 ) -> dict[str, Any]:
-    """Train to ``steps`` through a TrainingCheckpointer; returns start step and digests."""
+    """Train to ``steps`` through a TrainingCheckpointer; returns start step and digests.
+
+    ``tracking``: a :class:`faultkit.torch.MlflowRun` that gets each step's loss and learning
+    rate (and travels in the snapshots)."""
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -130,7 +137,7 @@ def _run(
             model=model,
             optimizer=opt,
             scheduler=sched,
-            extra={"sampler": sampler, "rng": rng},
+            extra={"sampler": sampler, "rng": rng, **({"mlflow": tracking} if tracking else {})},
             every_steps=every_steps,
             keep=keep,
             async_save=async_save,
@@ -138,6 +145,8 @@ def _run(
         ) as ckpt:
             start = ckpt.restore()
             emit("start", start)
+            if tracking is not None:
+                tracking.log_params({"seed": seed, "steps": steps, "every_steps": every_steps})
             batches = iter(loader)
             for step in range(start, steps):
                 try:
@@ -153,6 +162,9 @@ def _run(
                 loss.backward()
                 opt.step()
                 sched.step()
+                if tracking is not None:
+                    lr = sched.get_last_lr()[0]
+                    tracking.log_metrics({"loss": loss.item(), "lr": lr}, step=step)
                 if step_delay:
                     time.sleep(step_delay)
                 emit("step", step)
@@ -176,10 +188,13 @@ def train(
     seed: int = 0,
     step_delay: float = 0.0,
     on_step: Callable[[int], None] | None = None,
+    track: bool = True,
 ) -> str:
     """Run the demo training stage on a claimed ``stage``, resuming from its newest snapshot.
 
     ``on_step(step)`` is called after each training step (the demo counts redone steps).
+    With ``track`` and ``FAULTKIT_DEMO_MLFLOW`` (a tracking URI) in the environment, loss and
+    learning rate go to one MLflow run per stage (:class:`faultkit.torch.MlflowRun`).
 
     Returns:
         The sha256 hex of the final model state dict (see :func:`weights_digest`); equal to
@@ -190,14 +205,47 @@ def train(
         if event == "step" and on_step is not None:
             on_step(step)
 
-    return _run(
-        stage,
-        steps=steps,
-        every_steps=every_steps,
-        seed=seed,
-        step_delay=step_delay,
-        on_event=on_event,
-    )["model"]
+    with contextlib.ExitStack() as stack:
+        tracking = None
+        uri = os.environ.get(MLFLOW_ENV) if track else None
+        if uri:
+            from ..torch import MlflowRun
+
+            tracking = stack.enter_context(
+                MlflowRun(stage, experiment=MLFLOW_EXPERIMENT, tracking_uri=uri)
+            )
+        return _run(
+            stage,
+            steps=steps,
+            every_steps=every_steps,
+            seed=seed,
+            step_delay=step_delay,
+            on_event=on_event,
+            tracking=tracking,
+        )["model"]
+
+
+def mlflow_summary(uri: str, steps: int) -> dict[str, Any]:
+    """What the demo's MLflow tracking store holds: runs, the status, each step's points."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(MLFLOW_EXPERIMENT)
+    runs = client.search_runs([exp.experiment_id]) if exp is not None else []
+    out: dict[str, Any] = {"runs": len(runs), "status": None, "points": 0, "duplicates": 0}
+    if len(runs) == 1:
+        history = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
+        out.update(
+            status=runs[0].info.status,
+            points=len(history),
+            duplicates=len(history) - len(set(history)),
+            all_steps=sorted(set(history)) == list(range(steps)),
+        )
+    out["ok"] = bool(
+        out["runs"] == 1 and out["status"] == "FINISHED" and out.get("all_steps")
+        and out["duplicates"] == 0
+    )  # fmt: skip
+    return out
 
 
 def reference_train(steps: int = 60, seed: int = 0) -> str:
@@ -206,6 +254,6 @@ def reference_train(steps: int = 60, seed: int = 0) -> str:
     key = "demo/train-reference"
     try:
         with store.stage(key) as stage:
-            return train(stage, steps=steps, every_steps=max(1, steps), seed=seed)
+            return train(stage, steps=steps, every_steps=max(1, steps), seed=seed, track=False)
     finally:
         store.delete(key)

@@ -1,5 +1,5 @@
 """Real local components for tests, demos and benchmarks: an alert receiver, S3 (SeaweedFS,
-moto) and PostgreSQL servers, a local Airflow deployment, a Prefect stack, a way to kill
+moto), PostgreSQL and MLflow servers, a local Airflow deployment, a Prefect stack, a way to kill
 the Dask worker running a task, and test hosts (network namespaces) to partition.
 
 Importing this package imports no orchestrator: the Airflow, Prefect and Dask helpers load
@@ -14,12 +14,13 @@ from typing import Any
 from ._netns import Host, Network, netns_unavailable
 from ._receiver import AlertReceiver
 from ._seaweed import SeaweedS3Server
-from ._services import MotoS3Server, PostgresServer, free_port, wait_until
+from ._services import MlflowServer, MotoS3Server, PostgresServer, free_port, wait_until
 
 __all__ = [
     "AirflowEnv",
     "AlertReceiver",
     "Host",
+    "MlflowServer",
     "MotoS3Server",
     "Network",
     "PostgresServer",

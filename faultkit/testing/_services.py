@@ -1,4 +1,4 @@
-"""Start real servers on loopback for tests and demos: moto's S3, PostgreSQL."""
+"""Start real servers on loopback for tests and demos: moto's S3, PostgreSQL, MLflow."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["MotoS3Server", "PostgresServer", "free_port", "wait_until"]
+__all__ = ["MlflowServer", "MotoS3Server", "PostgresServer", "free_port", "wait_until"]
 
 
 def free_port() -> int:
@@ -211,6 +211,78 @@ class PostgresServer:
             shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> PostgresServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class MlflowServer:
+    """``mlflow server`` on 127.0.0.1: a SQLite backend store and a local artifact root in a
+    temp dir (one worker). ``available()`` says whether MLflow's server is installed."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.dir = ""
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @staticmethod
+    def available() -> str | None:
+        """None when a server can be started here, else the reason it cannot."""
+        exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
+        if not os.path.exists(exe):
+            return "MLflow's server is not installed (pip install 'mlflow>=3.4,<4')"
+        return None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> MlflowServer:
+        reason = self.available()
+        if reason:
+            raise RuntimeError(reason)
+        self.dir = tempfile.mkdtemp(prefix="faultkit-mlflow-")
+        exe = os.path.join(os.path.dirname(sys.executable), "mlflow")
+        cmd = [
+            exe, "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+            "--backend-store-uri", f"sqlite:///{self.dir}/mlflow.db",
+            "--default-artifact-root", os.path.join(self.dir, "artifacts"),
+        ]  # fmt: skip
+        with open(os.path.join(self.dir, "server.log"), "wb") as out:
+            self.proc = subprocess.Popen(
+                cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+
+        def up() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(
+                    f"mlflow server exited with {self.proc.returncode}; see {self.dir}/server.log"
+                )
+            import urllib.request
+
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        wait_until(up, timeout, f"mlflow server on port {self.port}", interval=0.25)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(5)  # it keeps nothing a test needs after this
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        if self.dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def __enter__(self) -> MlflowServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

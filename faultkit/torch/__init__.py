@@ -21,6 +21,9 @@ already yielded, prefetching included) and pass the loader itself::
 
 Under DDP, give each rank's sampler or loader in ``extra``: their states are saved per rank.
 Sharded state (FSDP, DTensor, torch.distributed.checkpoint) is not supported yet.
+
+With ``faultkit[mlflow]``, :class:`MlflowRun` (given in ``extra``) keeps one MLflow run per
+stage and each metric point once across kills and resumes.
 """
 
 from __future__ import annotations
@@ -33,6 +36,14 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
     ) from _exc
 
 from ._checkpointer import EXIT_PREEMPTED, FORMAT, ResumeWarning, TrainingCheckpointer
+from ._mlflow import MlflowRun
 from ._sampler import ResumableSampler
 
-__all__ = ["EXIT_PREEMPTED", "FORMAT", "ResumableSampler", "ResumeWarning", "TrainingCheckpointer"]
+__all__ = [
+    "EXIT_PREEMPTED",
+    "FORMAT",
+    "MlflowRun",
+    "ResumableSampler",
+    "ResumeWarning",
+    "TrainingCheckpointer",
+]

@@ -3,7 +3,7 @@
 Reads one JSON job per stdin line, writes one JSON result per stdout line. A job::
 
     {"store": url, "key": k, "steps": n, "every": e, "seed": s, "async": bool, "delay": secs,
-     "kills": [plan, ...]}
+     "kills": [plan, ...], "mlflow": {"uri": tracking_uri, "experiment": name} (optional)}
 
 Each plan kills one incarnation of the run; the incarnation after the last plan runs to the
 end. Plans: {"kind": "time", "step": k, "after": secs} (this process SIGKILLs the child once
@@ -14,6 +14,7 @@ The parent kills only its own unreaped child, so a pid can never belong to someo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -25,7 +26,7 @@ import numpy  # noqa: F401  (imported before fork, like torch)
 import torch
 import torch._dynamo  # noqa: F401  (the first optimizer imports it: seconds, once, here)
 
-import faultkit.torch  # noqa: F401
+import faultkit.torch
 from faultkit import CheckpointStore, _failpoints
 from faultkit.demo._train import _run
 
@@ -39,7 +40,13 @@ def child(job: dict, plan: dict | None, wfd: int) -> None:
     if plan and plan["kind"] == "fp":
         _failpoints.arm(plan["point"], "kill", plan["nth"])
     store = CheckpointStore(job["store"])
-    with store.stage(job["key"]) as stage:
+    with store.stage(job["key"]) as stage, contextlib.ExitStack() as stack:
+        tracking = None
+        if job.get("mlflow"):
+            m = job["mlflow"]
+            tracking = stack.enter_context(
+                faultkit.torch.MlflowRun(stage, experiment=m["experiment"], tracking_uri=m["uri"])
+            )
         out = _run(
             stage,
             steps=job["steps"],
@@ -49,6 +56,7 @@ def child(job: dict, plan: dict | None, wfd: int) -> None:
             async_save=job["async"],
             keep=2,
             on_event=lambda event, step: say(event, step),
+            tracking=tracking,
         )
     say("result", out)
 
@@ -58,6 +66,7 @@ def incarnation(job: dict, plan: dict | None) -> dict:
     pid = os.fork()
     if pid == 0:
         os.close(r)
+        os.dup2(2, 1)  # stdout carries the parent's results; the child's prints go to stderr
         code = 0
         try:
             child(job, plan, w)
@@ -111,6 +120,8 @@ def incarnation(job: dict, plan: dict | None) -> dict:
 def main() -> None:
     for line in sys.stdin:
         job = json.loads(line)
+        if job.get("mlflow"):
+            import mlflow.tracking  # noqa: F401  (once, before the forks)
         runs = [incarnation(job, plan) for plan in job["kills"]]
         runs.append(incarnation(job, None))
         sys.stdout.write(json.dumps({"id": job.get("id"), "incarnations": runs}) + "\n")
