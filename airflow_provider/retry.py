@@ -73,6 +73,23 @@ class FaultkitRetryPolicy(AirflowRetryPolicy):
             state["first"] = start.timestamp() if start is not None else time.time()
         return state, store
 
+    def would_retry(self, exception: BaseException, try_number: int, context: Any = None) -> bool:
+        """Whether :meth:`evaluate` would retry this failure; reads the history, writes
+        nothing and emits no event (how the operator tells that a try is the last)."""
+        policy = self.policy
+        if not policy.matches(exception):
+            return False
+        cls = policy.failure_class(exception)
+        state, _ = self._history(context, cls, try_number)
+        failures = {c: int(state.get(c, 0)) for c in ("code", "infrastructure")}
+        failures[cls] += 1
+        return policy.would_retry(
+            exception,
+            failures=failures,
+            elapsed=max(0.0, time.time() - float(state["first"])),
+            attempt=try_number,
+        )
+
     def evaluate(
         self,
         exception: BaseException,

@@ -146,7 +146,7 @@ def call(
     logger: logging.Logger | None = None,
     fallback: Fallback | None = None,
     lineage: str | None = None,
-    last_try: bool = True,
+    last_try: bool | Callable[[BaseException], bool] = True,
     on_degraded: Callable[[Degraded[Any]], Any] | None = None,
 ) -> Any:
     """Run ``fn(*args, stage=stage, **kwargs)`` as a resumable call of stage ``key``.
@@ -171,8 +171,10 @@ def call(
         lineage: the task whatever the run (the host's DAG/flow/graph and task, map index
             or inputs): where results are noted for a later fallback.
         last_try: the host will not retry this task after a failure (so a fallback may be
-            served); a host that decides later (Dask's policy loop) passes False and calls
-            :func:`faultkit._degraded.serve` itself.
+            served), or a function of the failure that says so (a host whose retry policy
+            fails some exceptions at once, or within a per-class budget); a host that decides
+            later (Dask's policy loop) passes False and calls :func:`faultkit._degraded.serve`
+            itself.
         on_degraded: what to return for a served fallback, given the ``Degraded`` (the
             host's own marking, e.g. a Prefect state named ``Degraded``); default: it.
 
@@ -209,13 +211,21 @@ def _fall_back(
     exc: BaseException,
     pickle_ok: bool,
     logger: logging.Logger,
-    last_try: bool = True,
+    last_try: bool | Callable[[BaseException], bool] = True,
 ) -> Any:
     """The ``Degraded`` output to return for a body that raised ``exc``, or None to let
     the failure stand. Looking for one never hides the failure: if the lookup itself
     fails, the original error is raised."""
-    if fallback is None or not lineage or not last_try or isinstance(exc, StaleAttemptError):
+    if fallback is None or not lineage or isinstance(exc, StaleAttemptError):
         return None  # a fenced attempt did not give up: a newer one owns the stage
+    if callable(last_try):
+        try:
+            last_try = bool(last_try(exc))
+        except Exception:  # cannot tell whether the host retries: let the failure stand
+            logger.exception("stage %s: could not tell whether this was the last try", key)
+            return None
+    if not last_try:
+        return None
     try:
         return _degraded.serve(
             store,
@@ -246,7 +256,7 @@ async def call_async(
     logger: logging.Logger | None = None,
     fallback: Fallback | None = None,
     lineage: str | None = None,
-    last_try: bool = True,
+    last_try: bool | Callable[[BaseException], bool] = True,
     on_degraded: Callable[[Degraded[Any]], Any] | None = None,
 ) -> Any:
     """:func:`call` for a coroutine function (the store's I/O runs in a worker thread)."""

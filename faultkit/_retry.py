@@ -337,6 +337,24 @@ class RetryPolicy:
 
     # -- orchestrators ---------------------------------------------------------------
 
+    def would_retry(
+        self,
+        exc: BaseException,
+        *,
+        failures: Mapping[str, int],
+        elapsed: float = 0.0,
+        attempt: int = 1,
+    ) -> bool:
+        """Whether :meth:`decide` would retry this failure (same arguments), without its
+        event: how a host tells, before it decides, that this try is the last."""
+        if not self.matches(exc):
+            return False
+        cls = self.failure_class(exc)
+        if failures.get(cls, 0) >= self.budget(cls):
+            return False
+        delay = 0.0 if _test_mode[-1][0] else self.wait_for(attempt)
+        return self.timeout is None or elapsed + delay < self.timeout
+
     def decide(
         self,
         exc: BaseException,

@@ -133,16 +133,29 @@ def _first_try() -> bool:
     return tr.run_count <= 1 and 0 < (tr.flow_run_run_count or 0) <= 1
 
 
-def _last_try() -> bool:
-    """True if Prefect will not retry this task run after a failure: its ``run_count`` has
-    reached ``retries + 1`` (outside a task run: True)."""
+def _last_try(policy: PolicyRef | None) -> Callable[[BaseException], bool]:
+    """Whether Prefect will not retry this task run after a failure: its ``run_count`` has
+    reached ``retries + 1``, or the faultkit policy behind its ``retry_condition_fn`` would
+    not retry this exception (outside ``on=``, or its class's budget spent). Outside a task
+    run: always."""
     from prefect.context import TaskRunContext
 
     ctx = TaskRunContext.get()
     tr = ctx.task_run if ctx is not None else None
-    if tr is None:
-        return True
-    return tr.run_count > int(getattr(ctx.task, "retries", 0) or 0)
+    run_count = tr.run_count if tr is not None else 0
+    retries = int(getattr(ctx.task, "retries", 0) or 0) if ctx is not None else 0
+
+    def last(exc: BaseException) -> bool:
+        if tr is None or run_count > retries:
+            return True
+        if policy is None:
+            return False
+        p = policy.get()
+        # As retry_condition_fn judges: every earlier run counts against this class.
+        return not p.would_retry(exc, failures={p.failure_class(exc): run_count},
+                                 attempt=run_count)  # fmt: skip
+
+    return last
 
 
 def _degraded_state(served: Any, alerts: Any) -> Any:
@@ -349,7 +362,7 @@ def resumable_task(
                 "fallback": falls_back,
                 # The task whatever the flow run: where results are noted for a fallback.
                 "lineage": make_key("prefect", flow_name, task_name, _digest(inputs)),
-                "last_try": _last_try(),
+                "last_try": _last_try(policy),
                 "on_degraded": lambda served: _degraded_state(served, alert_ref),
             }
         else:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from faultkit import Alerter, CheckpointStore, subscribe
+from faultkit import Alerter, CheckpointStore, degraded, subscribe, unwrap
 from faultkit.testing import AlertReceiver
 
 if importlib.util.find_spec("airflow.sdk") is None:
@@ -161,10 +161,10 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import DAG, task
 
-from faultkit import Fallback, degraded, unwrap
+from faultkit import Fallback, RetryPolicy, degraded, unwrap
 
 with DAG("fk_unit_degrade", schedule=None, start_date=datetime(2024, 1, 1), catchup=False,
-         params={"fail": ""}) as dag:
+         params={"fail": "", "policy_fail": False}) as dag:
 
     @task.resumable(store_url=os.environ["FK_UNIT_STORE"], retries=1,
                     retry_delay=timedelta(0), alerts=[os.environ["FK_UNIT_ALERT_URL"]],
@@ -193,6 +193,20 @@ with DAG("fk_unit_degrade", schedule=None, start_date=datetime(2024, 1, 1), catc
         return "ran"
 
     after(publish_or_skip())
+
+    # The policy retries ConnectionError only: a LookupError fails the task on its first try,
+    # which is then its last, although Airflow's retries are not spent.
+    @task.resumable(store_url=os.environ["FK_UNIT_STORE"], task_id="publish_policy",
+                    retry=RetryPolicy(on=ConnectionError, attempts=3, wait_initial=0.0,
+                                      wait_jitter=0.0),
+                    fallback=Fallback(max_age=timedelta(hours=1),
+                                      on=("infrastructure", LookupError)))
+    def publish_policy(*, stage, params=None):
+        if params["policy_fail"]:
+            raise LookupError("the partition index is gone")
+        return {"rows": 7}
+
+    publish_policy()
 """
 
 
@@ -419,6 +433,20 @@ def test_task_that_gives_up_serves_the_last_runs_output(airflow_home, receiver):
     tis = _tis(dr1)
     assert tis[("publish_or_skip", -1)].state == "skipped"
     assert tis[("after", -1)].state == "skipped"
+
+
+def test_a_failure_the_retry_policy_will_not_retry_is_the_last_try(airflow_home):
+    """With retry=, a failure outside the policy's on= ends the task on its first try: the
+    fallback is served then, although Airflow's retries are not spent."""
+    dag = airflow_home.dag("fk_unit_degrade")
+    dr1 = dag.test(run_conf={"fail": ""})
+    dr2 = dag.test(run_conf={"fail": "", "policy_fail": True})
+    assert dr2.state == "success"
+    ti = _tis(dr2)[("publish_policy", -1)]
+    assert ti.try_number == 1 and ti.max_tries == 2 and ti.state == "success"
+    source = stage_key("fk_unit_degrade", dr1.run_id, "publish_policy", -1)
+    out = _xcom(dr2, "publish_policy")
+    assert degraded(out).source_key == source and unwrap(out) == {"rows": 7}
 
 
 def test_mapped_keys_distinct_per_index_stable_across_tries(airflow_home):

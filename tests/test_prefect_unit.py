@@ -602,3 +602,38 @@ def test_crash_retry_automation_uses_the_test_mode_budget():
     finally:
         with get_client(sync_client=True) as client:
             client.delete_automation(ids["retry"])
+
+
+def test_a_failure_the_retry_policy_will_not_retry_serves_the_fallback_at_once(tmp_path):
+    """With retry=, a failure outside the policy's on= is not retried by Prefect (its
+    retry_condition_fn): that first run is the last, so the fallback is served then."""
+    from datetime import timedelta
+
+    from faultkit import Fallback, RetryPolicy, degraded
+
+    flag, tries = tmp_path / "fail", tmp_path / "tries"
+
+    @resumable_task(
+        store=f"file://{tmp_path / 'store'}",
+        retry=RetryPolicy(on=ConnectionError, attempts=3, wait_initial=0.0, wait_jitter=0.0),
+        fallback=Fallback(max_age=timedelta(hours=1), on=("infrastructure", LookupError)),
+    )
+    def publish(stage) -> dict:
+        with open(tries, "a") as f:
+            f.write(f"{stage.key}\n")
+        if flag.exists():
+            raise LookupError("the partition index is gone")
+        return {"rows": 7}
+
+    @flow
+    def nightly() -> tuple:
+        state = publish(return_state=True)
+        return state.name, state.result()
+
+    name, out = nightly()
+    assert name == "Completed" and out == {"rows": 7}
+    [first] = tries.read_text().splitlines()
+    flag.write_text("x")
+    name, out = nightly()
+    assert name == "Degraded" and degraded(out).source_key == first
+    assert len(tries.read_text().splitlines()) == 2  # one run: the policy retries no LookupError

@@ -369,3 +369,32 @@ def test_public_exports():
     for name in ("RetryPolicy", "Alerter", "classify", "retry_test_mode"):
         assert name in faultkit.__all__ and hasattr(faultkit, name)
     assert faultkit.__all__ == sorted(faultkit.__all__)
+
+
+def test_would_retry_agrees_with_decide_and_emits_nothing():
+    """would_retry answers as decide does (on=, per-class budgets, timeout), silently."""
+    from faultkit import subscribe
+
+    p = RetryPolicy(on=(ConnectionError, TimeoutError), attempts=2, infra_attempts=3,
+                    wait_initial=0.0, wait_jitter=0.0, timeout=10.0)  # fmt: skip
+    seen = []
+    unsubscribe = subscribe(seen.append)
+    try:
+        cases = []
+        for exc in (ConnectionResetError("x"), TimeoutError("t"), ValueError("v")):
+            for n in range(5):
+                for elapsed in (0.0, 11.0):
+                    failures = {p.failure_class(exc): n}
+                    cases.append(p.would_retry(exc, failures=failures, elapsed=elapsed))
+        assert not seen
+        i = 0
+        for exc in (ConnectionResetError("x"), TimeoutError("t"), ValueError("v")):
+            for n in range(5):
+                for elapsed in (0.0, 11.0):
+                    failures = {p.failure_class(exc): n}
+                    got = p.decide(exc, failures=failures, elapsed=elapsed, attempt=n or 1)
+                    assert (got is not None) == cases[i], (exc, n, elapsed)
+                    i += 1
+        assert any(cases) and not all(cases)
+    finally:
+        unsubscribe()

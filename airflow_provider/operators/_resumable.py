@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 from airflow.providers.standard.operators.python import PythonOperator
 
-from faultkit import CheckpointStore, Event, Stage, _degraded, subscribe
+from faultkit import CheckpointStore, Event, Stage, StaleAttemptError, _degraded, subscribe
 from faultkit import _resumable as resumable
 from faultkit import key as fk_key
 
 from .._common import POINTER, incident_event, log, resolve_store, ti_stage_key
+from ..retry import FaultkitRetryPolicy
 
 if TYPE_CHECKING:
     from airflow.sdk import Context
@@ -309,7 +310,15 @@ class ResumablePythonOperator(PythonOperator):
             return out
 
         max_tries = getattr(ti, "max_tries", None)
-        last_try = ti.try_number > (self.retries if max_tries is None else max_tries)
+        out_of_tries = ti.try_number > (self.retries if max_tries is None else max_tries)
+        policy = getattr(self, "retry_policy", None)
+
+        def last_try(exc: BaseException) -> bool:
+            """Airflow will not retry: tries spent, or the retry policy fails this one."""
+            if out_of_tries or not isinstance(policy, FaultkitRetryPolicy):
+                return out_of_tries
+            return not policy.would_retry(exc, ti.try_number, context)
+
         try:
             result = resumable.call(
                 body,
@@ -331,9 +340,10 @@ class ResumablePythonOperator(PythonOperator):
             if (
                 fb is not None
                 and self.no_fallback == "skip"
-                and last_try
                 and isinstance(exc, Exception)
+                and not isinstance(exc, StaleAttemptError)  # a newer try owns the stage
                 and fb.covers(exc)
+                and last_try(exc)
             ):
                 from airflow.sdk.exceptions import AirflowSkipException
 
