@@ -3,7 +3,11 @@
 Each mapped ``load`` task extracts, transforms and loads one partition in chunks; a chunk's
 rows and its done-record commit in one transaction (``faultkit.sinks.SqlSink``), so a retry
 after a SIGKILL, a lost node or a heartbeat timeout skips the chunks already loaded and no
-row lands twice. ``check`` verifies the table.
+row lands twice. ``check`` verifies the table. ``publish`` hands the run's summary (orders,
+revenue) to its readers; when the ETL gave up (a partition's retries spent), it runs anyway
+(``trigger_rule="all_done"``), finds the table incomplete and serves the newest summary an
+earlier run published within a week, marked degraded (``fallback=``), with one alert and a
+``FAULTKIT DEGRADED`` log line. The next healthy run publishes afresh.
 
 Configuration:
 
@@ -16,7 +20,9 @@ Configuration:
   own table and re-running the DAG is not a duplicate load);
 * params ``partitions``, ``rows`` (per partition), ``chunk`` (rows per unit), ``seed`` (of
   the generated orders), ``unit_delay`` (seconds per chunk), ``journal`` (a file to which each
-  unit start appends ``etl <partition> <unit> <pid>``, so redone work can be counted);
+  unit start appends ``etl <partition> <unit> <pid>``, so redone work can be counted),
+  ``outage`` (a partition whose source is down for this run: its load gives up, and
+  ``publish`` degrades);
 * env ``FAULTKIT_DEMO_RETRY_WAIT``: seconds before a retry (default 5);
   ``FAULTKIT_DEMO_ATTEMPTS``: tries per task (default 3).
 """
@@ -30,8 +36,10 @@ from airflow.sdk import DAG, Param, task
 
 from airflow_provider.notifications import FaultkitNotifier
 from faultkit import RetryPolicy
+from faultkit.demo import PUBLISH_FALLBACK
 
-# Parse-time work stays tiny: no DB, no store, no faultkit.demo import here.
+# Parse-time work stays tiny: no DB, no store. (faultkit.demo is imported for the publish
+# stage's fallback and its error types; it loads SQLAlchemy, which Airflow has loaded.)
 RETRY = RetryPolicy(
     on=(ConnectionError, TimeoutError),
     attempts=int(os.environ.get("FAULTKIT_DEMO_ATTEMPTS", "3")),
@@ -84,6 +92,7 @@ with DAG(
         "sink_url": Param(None, type=["null", "string"]),
         "table": Param(None, type=["null", "string"]),
         "journal": Param(None, type=["null", "string"]),
+        "outage": Param(None, type=["null", "integer"]),
     },
     default_args={"on_retry_callback": NOTIFY, "on_failure_callback": NOTIFY},
     on_failure_callback=NOTIFY,
@@ -117,6 +126,7 @@ with DAG(
             unit_delay=float(params["unit_delay"]),
             table=table_name(params, run_id),
             on_unit=lambda u: note(params["journal"], f"etl {partition} {u} {pid}"),
+            outage=partition == params["outage"],
         )
 
     @task
@@ -130,4 +140,12 @@ with DAG(
             raise ValueError(f"sink holds {got}, expected {want} distinct rows and no duplicate")
         return {**got, "expected": want, "epochs": sorted({r["epoch"] for r in results})}
 
-    check(load.expand(partition=partitions()))
+    @task.resumable(retry=RETRY, fallback=PUBLISH_FALLBACK, trigger_rule="all_done")
+    def publish(*, stage, params: dict | None = None, run_id: str | None = None) -> dict:
+        """The run's summary, from a complete table only; else the last good one, degraded."""
+        from faultkit.demo import expected_rows, publish
+
+        want = expected_rows(int(params["partitions"]), int(params["rows"]))
+        return publish(sink_url(params), table_name(params, run_id), want)
+
+    check(load.expand(partition=partitions())) >> publish()

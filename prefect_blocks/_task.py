@@ -335,6 +335,27 @@ def resumable_task(
             f"{fn.__qualname__} must accept a 'stage' keyword argument to be a resumable_task"
         )
     public_sig = sig.replace(parameters=[p for n, p in sig.parameters.items() if n != "stage"])
+    positional = [
+        n
+        for n, p in sig.parameters.items()
+        if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    cut = positional.index("stage") if "stage" in positional else len(positional)
+    after_stage = positional[cut + 1 :]
+
+    def _around_stage(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict]:
+        """Prefect passes the parameters positionally: those declared after ``stage`` go by
+        name, or they would land in ``stage``'s place."""
+        if len(args) <= cut:
+            return args, kwargs
+        extra = args[cut:]
+        if len(extra) > len(after_stage):
+            raise TypeError(
+                f"{fn.__qualname__}: {len(extra)} positional arguments after 'stage' "
+                f"({after_stage} by name); declare 'stage' after them or make it keyword-only"
+            )
+        return args[:cut], {**dict(zip(after_stage, extra, strict=False)), **kwargs}
+
     store_ref = StoreRef.of(store)
     alert_ref = AlertRef(alerts, store_ref) if alerts is not None else None
     policy = PolicyRef.of(retry)
@@ -382,6 +403,7 @@ def resumable_task(
 
         @functools.wraps(fn)
         async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            args, kwargs = _around_stage(args, kwargs)
             try:
                 return await resumable.call_async(fn, args, kwargs, **_call_args(args, kwargs))
             except StaleAttemptError as err:
@@ -392,6 +414,7 @@ def resumable_task(
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
+            args, kwargs = _around_stage(args, kwargs)
             try:
                 return resumable.call(fn, args, kwargs, **_call_args(args, kwargs))
             except StaleAttemptError as err:

@@ -488,6 +488,35 @@ def test_example_etl_dag_runs(airflow_home):
     assert check["rows"] == check["expected"] == 360 and check["duplicates"] == 0
 
 
+def test_example_etl_dag_publishes_degraded_when_the_etl_gives_up(airflow_home):
+    """faultkit_etl: a healthy run publishes its summary; a run whose partition source is
+    down gives up on that load, and publish serves the healthy run's summary, marked; the
+    next healthy run publishes afresh."""
+    dag = airflow_home.dag("faultkit_etl")
+    conf = {"partitions": 2, "rows": 100, "outage": None}  # dag.test() keeps the last conf
+    good = dag.test(run_conf=conf)
+    assert good.state == "success"
+    fresh = _xcom(good, "publish")
+    assert degraded(fresh) is None and fresh["orders"] == 200 and fresh["revenue"] > 0
+
+    out = dag.test(run_conf={**conf, "outage": 1})
+    tis = _tis(out)
+    assert tis[("load", 1)].state == "failed" and tis[("load", 0)].state == "success"
+    assert tis[("load", 1)].try_number == 3  # the ETL did try: its retries are spent
+    assert tis[("check", -1)].state == "upstream_failed"
+    assert tis[("publish", -1)].state == "success"
+    served = _xcom(out, "publish")
+    d = degraded(served)
+    assert d is not None and d.source_key == stage_key("faultkit_etl", good.run_id, "publish", -1)
+    assert unwrap(served) == fresh and "EtlIncompleteError" in d.reason
+
+    again = dag.test(run_conf=conf)
+    assert again.state == "success"
+    recovered = _xcom(again, "publish")
+    assert degraded(recovered) is None and recovered["orders"] == 200
+    assert recovered["table"] != fresh["table"]  # its own run's table
+
+
 def test_example_train_dag_runs(airflow_home):
     """faultkit_train trains and its weights equal the in-process reference run."""
     pytest.importorskip("torch")

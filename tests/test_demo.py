@@ -50,6 +50,13 @@ def _check(report: dict, engine: str, kills: int) -> None:
     assert etl["content_equal"] is True and etl["weights_equal"] is None
     assert stages["train"]["weights_equal"] is True
     assert report["alerts_received"] == sum(s["kills"] for s in stages.values())
+    nightly = report["nightly"]
+    assert [r["published"] for r in nightly["runs"]] == ["fresh", "degraded", "fresh"]
+    assert nightly["runs"][1]["partitions_gave_up"] == [1]
+    assert nightly["runs"][1]["served_from"] == "demo/nightly-1/publish"
+    assert nightly["degraded_alerts_received"] == 1
+    m = report["mlflow"]  # the training stage's kills left one run, each step's loss once
+    assert m["runs"] == 1 and m["status"] == "FINISHED" and m["all_steps"] and not m["duplicates"]
 
 
 @pytest.mark.parametrize(

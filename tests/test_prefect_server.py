@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 POLICY = RetryPolicy(
     on=ConnectionError, attempts=2, infra_attempts=3, wait_initial=0.2, wait_jitter=0.0
 )
-ETL = {"partitions": 3, "rows": 400, "seed": 0, "unit_delay": 0.25}
+ETL = {"partitions": 3, "rows": 400, "seed": 0, "unit_delay": 0.25, "table": demo.TABLE}
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,59 @@ def test_killed_etl_run_is_rerun_and_loads_rows_once(stack, receiver, tmp_path):
     assert {k: e for k, e in after.items() if k in epochs} == epochs
     assert len(after) == 2 * len(epochs) and all(after[k] == 1 for k in after if k not in epochs)
     assert demo.check_sink(sink2)["rows"] == demo.expected_rows(ETL["partitions"], ETL["rows"])
+
+
+def _published(stack, flow_run_id: str) -> tuple[bool, object]:
+    """What the run's publish stage recorded (the flow's own result is not persisted)."""
+    store = CheckpointStore(stack.store_url)
+    [key] = store.keys(f"prefect/faultkit-etl/{flow_run_id}/publish/")
+    return recorded(store, key)
+
+
+def _runs_of(stack, flow_run_id: str, task: str) -> list:
+    """The flow run's task runs of ``task`` (Prefect names them ``<task>-<3 hex digits>``)."""
+    return [r for n, r in stack.task_runs(flow_run_id).items() if n.rsplit("-", 1)[0] == task]
+
+
+def test_publish_degrades_when_the_etl_gives_up_and_recovers_on_the_next_run(
+    stack, receiver, tmp_path
+):
+    """faultkit-etl: a healthy run publishes; a run whose partition source is down gives up
+    on it, and publish completes as ``Degraded`` with the healthy run's summary (one degraded
+    alert), the flow run failing as its ETL did; the next healthy run publishes afresh."""
+    # One sink, as in production: each flow run loads its own table.
+    small = {"sink_url": f"sqlite:///{tmp_path / 'sink.db'}", "partitions": 2, "rows": 100}
+    good = stack.run("faultkit-etl/etl", small)
+    stack.wait(good, "COMPLETED", timeout=120)
+    done, first = _published(stack, good)
+    assert done and first["orders"] == 200
+    [pub] = _runs_of(stack, good, "publish")
+    assert pub.state.name == "Completed"
+
+    before = len(receiver.messages())
+    down = stack.run("faultkit-etl/etl", {**small, "outage": 1})
+    stack.wait(down, "FAILED", timeout=120, fail_on=("CANCELLED", "COMPLETED"))
+    parts = _runs_of(stack, down, "etl_partition")
+    failed = [r for r in parts if r.state.type.value == "FAILED"]
+    assert len(parts) == 2 and len(failed) == 1, [r.state for r in parts]
+    assert "partition 1 is down" in failed[0].state.message
+    # A reset connection is an infrastructure failure: its class's budget is spent.
+    assert failed[0].run_count == POLICY.infra_attempts
+    [pub] = _runs_of(stack, down, "publish")
+    assert pub.state.type.value == "COMPLETED" and pub.state.name == "Degraded", pub.state
+    degraded = [
+        m for m in receiver.wait_for(before + 1, timeout=30)[before:] if "degraded" in m["title"]
+    ]
+    assert len(degraded) == 1 and good in degraded[0]["message"], degraded
+
+    again = stack.run("faultkit-etl/etl", small)
+    stack.wait(again, "COMPLETED", timeout=120)
+    [pub] = _runs_of(stack, again, "publish")
+    assert pub.state.name == "Completed"
+    done, published = _published(stack, again)
+    assert done and published["orders"] == 200 and published["revenue"] > 0
+    assert published["table"] != first["table"]  # its own run's table
+    assert [m for m in receiver.messages()[before:] if "degraded" in m["title"]] == degraded
 
 
 TRAIN = {"steps": 60, "every_steps": 10, "seed": 0, "step_delay": 0.25}

@@ -637,3 +637,18 @@ def test_a_failure_the_retry_policy_will_not_retry_serves_the_fallback_at_once(t
     name, out = nightly()
     assert name == "Degraded" and degraded(out).source_key == first
     assert len(tries.read_text().splitlines()) == 2  # one run: the policy retries no LookupError
+
+
+def test_parameters_declared_after_stage_reach_the_task(tmp_path):
+    """Prefect passes parameters positionally; one declared after ``stage`` must not land in
+    its place."""
+
+    @resumable_task(store=f"file://{tmp_path}")
+    def load(part: int, stage, outage: int | None = None, scale: int = 1) -> tuple:
+        return part * scale, outage, stage.key.startswith("prefect/")
+
+    @flow
+    def f() -> list:
+        return [load(2, outage=5, scale=10), load(3), load.submit(4, 7).result()]
+
+    assert f() == [(20, 5, True), (3, None, True), (4, 7, True)]

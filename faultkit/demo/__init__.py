@@ -7,14 +7,28 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._etl import TABLE, check_sink, etl_partition, expected_rows, generate_orders
+from ._etl import (
+    PUBLISH_FALLBACK,
+    TABLE,
+    EtlIncompleteError,
+    SourceDownError,
+    check_sink,
+    etl_partition,
+    expected_rows,
+    generate_orders,
+    publish,
+)
 
 __all__ = [
+    "PUBLISH_FALLBACK",
     "TABLE",
+    "EtlIncompleteError",
+    "SourceDownError",
     "check_sink",
     "etl_partition",
     "expected_rows",
     "generate_orders",
+    "publish",
     "reference_train",
     "train",
     "weights_digest",

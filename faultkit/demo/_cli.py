@@ -115,6 +115,7 @@ def run(a: argparse.Namespace, console: Console) -> int:
 def _run(cfg: DemoConfig, console: Console) -> int:
     from . import check_sink, expected_rows, reference_train
     from ._jobs import etl_job, plain_etl, table_digest
+    from ._publish import run_nightly
 
     log = console.log
     t_all = time.monotonic()
@@ -174,8 +175,17 @@ def _run(cfg: DemoConfig, console: Console) -> int:
             except TimeoutError:
                 pass
             alerts = receiver.messages()
+        seen = len(receiver.messages())
+        nightly = run_nightly(cfg, [receiver.url()], log)
+        try:
+            receiver.wait_for(seen + nightly["degraded_alerts"], timeout=30)
+        except TimeoutError:
+            pass
+        got = [m for m in receiver.messages()[seen:] if "degraded" in (m.get("title") or "")]
+        nightly["degraded_alerts_received"] = len(got)
+        nightly["ok"] = nightly["ok"] and len(got) == 1
 
-    ok = all(s.ok for s in stages) and kills >= 1 and len(alerts) == kills
+    ok = all(s.ok for s in stages) and kills >= 1 and len(alerts) == kills and nightly["ok"]
     mlflow: dict[str, Any] = {"skipped": tracking} if tracking.startswith("no ") else {}
     if not mlflow:
         from ._train import mlflow_summary
@@ -189,6 +199,7 @@ def _run(cfg: DemoConfig, console: Console) -> int:
         "alerts": [{"title": m.get("title"), "message": m.get("message")} for m in alerts],
         "stages": [{**s.to_dict(), "weights_equal": s.weights_equal} for s in stages],
         "mlflow": mlflow,
+        "nightly": nightly,
         "overhead": {"plain_etl_s": plain_s, "resumable_etl_s": resumable_s},
         "seconds": round(time.monotonic() - t_all, 2),
         "config": {k: v for k, v in vars(cfg).items() if k not in ("alert_urls", "work_dir")},

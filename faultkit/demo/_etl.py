@@ -5,12 +5,37 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
+from .._degraded import Fallback
 from .._store import Stage
 from ..sinks import SqlSink
 
-__all__ = ["TABLE", "check_sink", "etl_partition", "expected_rows", "generate_orders"]
+__all__ = [
+    "PUBLISH_FALLBACK",
+    "TABLE",
+    "EtlIncompleteError",
+    "SourceDownError",
+    "check_sink",
+    "etl_partition",
+    "expected_rows",
+    "generate_orders",
+    "publish",
+]
+
+
+class SourceDownError(ConnectionResetError):
+    """A partition's source did not answer (the example pipelines' ``outage`` parameter)."""
+
+
+class EtlIncompleteError(RuntimeError):
+    """The ETL did not load every row of this run: there is nothing to publish from it."""
+
+
+# The publish stage of the example pipelines: when this run's table is incomplete (the ETL
+# gave up) or the sink is unreachable, serve the newest summary published within a week.
+PUBLISH_FALLBACK = Fallback(max_age=timedelta(days=7), on=("infrastructure", EtlIncompleteError))
 
 TABLE = "orders"
 _REGIONS = ("emea", "amer", "apac")
@@ -58,15 +83,20 @@ def etl_partition(
     unit_delay: float = 0.0,
     table: str = TABLE,
     on_unit: Callable[[int], None] | None = None,
+    outage: bool = False,
 ) -> dict[str, Any]:
     """Extract, transform and load one partition, ``chunk`` rows per unit, exactly once.
 
     ``unit_delay`` stands in for real work per unit (so a demo has time to kill it);
-    ``on_unit(u)`` is called as each unit starts (the demo counts redone work with it).
+    ``on_unit(u)`` is called as each unit starts (the demo counts redone work with it);
+    ``outage``: the partition's source is down (every try raises :class:`SourceDownError`,
+    so the task gives up and the publish stage degrades).
 
     Returns:
         ``{"partition", "rows", "units", "units_written", "units_skipped", "epoch"}``.
     """
+    if outage:
+        raise SourceDownError(f"the source of partition {partition} is down (outage)")
     sink = SqlSink(sink_url, table)
     units = list(range((rows + chunk - 1) // chunk))
     written = 0
@@ -100,3 +130,27 @@ def check_sink(sink_url: str, table: str = TABLE) -> dict[str, int]:
     n = sink.count()
     dup = sink.duplicates("order_id")
     return {"rows": n, "distinct": n - dup, "duplicates": dup}
+
+
+def publish(sink_url: str, table: str, expected: int) -> dict[str, Any]:
+    """The run's summary for its readers (a dashboard, a report): rows and revenue, from a
+    complete table only.
+
+    Raises:
+        EtlIncompleteError: the table misses rows or holds a duplicate (the ETL gave up).
+    """
+    got = check_sink(sink_url, table)
+    if got["duplicates"] or got["distinct"] < expected:
+        raise EtlIncompleteError(
+            f"table {table!r} holds {got['distinct']} of {expected} orders "
+            f"({got['duplicates']} duplicates): the ETL did not finish"
+        )
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(sink_url)
+    try:
+        with engine.connect() as c:
+            revenue = c.execute(sa.text(f'SELECT SUM(total) FROM "{table}"')).scalar_one()
+    finally:
+        engine.dispose()
+    return {"table": table, "orders": got["distinct"], "revenue": round(float(revenue), 2)}

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..testing import PrefectStack, units_done, wait_until
+from ._etl import TABLE
 
 if TYPE_CHECKING:
     from .._events import Event
@@ -210,6 +211,7 @@ def run_demo(
                     "seed": cfg.seed,
                     "unit_delay": cfg.unit_delay,
                     "journal": etl_journal,
+                    "table": TABLE,
                 },
                 etl_journal,
                 "etl ",

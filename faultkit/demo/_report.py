@@ -61,6 +61,22 @@ def print_tables(console: Console, stages: list[StageOutcome], report: dict[str,
             f"{o['resumable_etl_s'] / max(o['plain_etl_s'], 1e-9):.2f}",
         )
         console.print(ov)
+    n = report.get("nightly")
+    if n:
+        nt = Table(title="nightly ETL + publish, a source down in run 2 (fallback=)")
+        for col in ("run", "partitions gave up", "published", "served from"):
+            nt.add_column(col, justify="left" if col == "run" else "right")
+        for r in n["runs"]:
+            nt.add_row(
+                r["run"],
+                str(len(r["partitions_gave_up"])),
+                r["published"],
+                r["served_from"] or "-",
+            )
+        console.print(nt)
+        console.print(
+            f"degraded alerts received: {n.get('degraded_alerts_received', 0)}   ok: {_yn(n['ok'])}"
+        )
     m = report.get("mlflow")
     if m and "skipped" not in m:
         mt = Table(title="experiment tracking (MLflow), after the training stage's kills")

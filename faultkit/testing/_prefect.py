@@ -362,6 +362,18 @@ class PrefectStack:
 
         return sorted(self.call(read), key=lambda s: s.timestamp)
 
+    def task_runs(self, flow_run_id: str) -> dict[str, Any]:
+        """The flow run's task runs by name, each with its state as the server has it."""
+        from prefect import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        def read() -> dict[str, Any]:
+            flt = FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            with get_client(sync_client=True) as client:
+                return {tr.name: tr for tr in client.read_task_runs(flow_run_filter=flt)}
+
+        return self.call(read)
+
     def wait(
         self,
         flow_run_id: str,
