@@ -102,6 +102,20 @@ class MotoS3Server:
         self.stop()
 
 
+def _stop_group(proc: subprocess.Popen[bytes] | None, sig: int, grace: float) -> None:
+    """Send ``sig`` to the process group of ``proc`` (a session leader), SIGKILL it after
+    ``grace`` seconds, and reap it."""
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
 def _pg_bin(name: str) -> str | None:
     found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
     return found[-1] if found else shutil.which(name)
@@ -199,14 +213,7 @@ class PostgresServer:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGINT)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        _stop_group(self.proc, signal.SIGINT, 20.0)  # a fast shutdown
         if self.dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -271,14 +278,7 @@ class MlflowServer:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(5)  # it keeps nothing a test needs after this
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        _stop_group(self.proc, signal.SIGTERM, 5.0)  # it keeps nothing a test needs after this
         if self.dir:
             shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -154,8 +154,9 @@ class MlflowRun:
                 f"snapshot (of run {run_id}) was restored; call restore() before logging"
             )
         self.run_id = str(run_id) if run_id else None
-        self._through = {str(k): int(v) for k, v in state["through"].items()}
-        self._buffer = [(str(k), float(v), int(t), int(s)) for k, v, t, s in state["pending"]]
+        self._through = {str(k): int(v) for k, v in (state.get("through") or {}).items()}
+        pending = state.get("pending") or []
+        self._buffer = [(str(k), float(v), int(t), int(s)) for k, v, t, s in pending]
 
     # -- logging ------------------------------------------------------------------------
 
