@@ -73,21 +73,25 @@ class FaultkitRetryPolicy(AirflowRetryPolicy):
             state["first"] = start.timestamp() if start is not None else time.time()
         return state, store
 
+    def _counted(
+        self, exception: BaseException, try_number: int, context: Any
+    ) -> tuple[str, dict[str, Any], Any, dict[str, int], float]:
+        """This failure's class, the history with it counted (and the state store it came
+        from), the per-class failure counts and the seconds since the first try."""
+        cls = self.policy.failure_class(exception)
+        state, store = self._history(context, cls, try_number)
+        state[cls] = int(state.get(cls, 0)) + 1
+        failures = {c: int(state.get(c, 0)) for c in ("code", "infrastructure")}
+        return cls, state, store, failures, max(0.0, time.time() - float(state["first"]))
+
     def would_retry(self, exception: BaseException, try_number: int, context: Any = None) -> bool:
         """Whether :meth:`evaluate` would retry this failure; reads the history, writes
         nothing and emits no event (how the operator tells that a try is the last)."""
-        policy = self.policy
-        if not policy.matches(exception):
+        if not self.policy.matches(exception):
             return False
-        cls = policy.failure_class(exception)
-        state, _ = self._history(context, cls, try_number)
-        failures = {c: int(state.get(c, 0)) for c in ("code", "infrastructure")}
-        failures[cls] += 1
-        return policy.would_retry(
-            exception,
-            failures=failures,
-            elapsed=max(0.0, time.time() - float(state["first"])),
-            attempt=try_number,
+        _, _, _, failures, elapsed = self._counted(exception, try_number, context)
+        return self.policy.would_retry(
+            exception, failures=failures, elapsed=elapsed, attempt=try_number
         )
 
     def evaluate(
@@ -103,9 +107,7 @@ class FaultkitRetryPolicy(AirflowRetryPolicy):
             return RetryDecision.fail(
                 reason=f"{type(exception).__name__} is not retried by {policy!r}"
             )
-        cls = policy.failure_class(exception)
-        state, store = self._history(context, cls, try_number)
-        state[cls] = int(state.get(cls, 0)) + 1
+        cls, state, store, failures, elapsed = self._counted(exception, try_number, context)
         if store is not None:
             try:
                 store.set(_STATE_KEY, state)
@@ -113,11 +115,8 @@ class FaultkitRetryPolicy(AirflowRetryPolicy):
                 pass
         delay = policy.decide(
             exception,
-            failures={
-                "code": int(state.get("code", 0)),
-                "infrastructure": int(state.get("infrastructure", 0)),
-            },
-            elapsed=max(0.0, time.time() - float(state["first"])),
+            failures=failures,
+            elapsed=elapsed,
             attempt=try_number,
             key=_stage_key(context),
         )

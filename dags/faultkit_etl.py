@@ -36,7 +36,7 @@ from airflow.sdk import DAG, Param, task
 
 from airflow_provider.notifications import FaultkitNotifier
 from faultkit import RetryPolicy
-from faultkit.demo import PUBLISH_FALLBACK
+from faultkit.demo import PUBLISH_FALLBACK, run_table
 
 # Parse-time work stays tiny: no DB, no store. (faultkit.demo is imported for the publish
 # stage's fallback and its error types; it loads SQLAlchemy, which Airflow has loaded.)
@@ -73,9 +73,7 @@ def note(path: str | None, line: str) -> None:
 
 def table_name(params: dict, run_id: str) -> str:
     """The param, else one table per DAG run."""
-    import hashlib
-
-    return params.get("table") or f"orders_{hashlib.sha256(run_id.encode()).hexdigest()[:10]}"
+    return params.get("table") or run_table(run_id)
 
 
 with DAG(

@@ -68,13 +68,10 @@ def publish(sink_url: str, expected: int, stage: Any, table: str | None = None) 
 
 
 def table_name(table: str | None) -> str:
-    """``table``, else one table per flow run (``orders_<hash of its id>``), so a second
-    run of the flow into the same sink is not a duplicate load."""
-    import hashlib
-
+    """``table``, else one table per flow run (see ``faultkit.demo.run_table``)."""
     from prefect.runtime import flow_run
 
-    return table or f"orders_{hashlib.sha256(str(flow_run.id).encode()).hexdigest()[:10]}"
+    return table or demo.run_table(flow_run.id)
 
 
 @flow(name="faultkit-etl", **alert_hooks(BLOCK, store=BLOCK, retry=BLOCK))

@@ -17,6 +17,7 @@ from ._etl import (
     expected_rows,
     generate_orders,
     publish,
+    run_table,
 )
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "generate_orders",
     "publish",
     "reference_train",
+    "run_table",
     "train",
     "weights_digest",
 ]

@@ -22,6 +22,7 @@ __all__ = [
     "expected_rows",
     "generate_orders",
     "publish",
+    "run_table",
 ]
 
 
@@ -130,6 +131,14 @@ def check_sink(sink_url: str, table: str = TABLE) -> dict[str, int]:
     n = sink.count()
     dup = sink.duplicates("order_id")
     return {"rows": n, "distinct": n - dup, "duplicates": dup}
+
+
+def run_table(run_id: str) -> str:
+    """One table per orchestrator run (``orders_<hash of the run id>``), so a second run
+    into the same sink is not a duplicate load."""
+    import hashlib
+
+    return f"orders_{hashlib.sha256(str(run_id).encode()).hexdigest()[:10]}"
 
 
 def publish(sink_url: str, table: str, expected: int) -> dict[str, Any]:

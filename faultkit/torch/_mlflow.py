@@ -36,6 +36,7 @@ from .. import _failpoints
 from .._errors import StaleAttemptError
 from .._stage import Stage
 from .._storage import redact_url
+from ._dist import World
 
 log = logging.getLogger("faultkit.torch")
 
@@ -57,15 +58,6 @@ def _mlflow() -> Any:
             "pip install 'faultkit[mlflow]'"
         ) from exc
     return MlflowClient
-
-
-def _rank() -> int:
-    try:
-        import torch.distributed as dist
-
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    except (ImportError, RuntimeError):
-        return 0
 
 
 class MlflowRun:
@@ -115,7 +107,7 @@ class MlflowRun:
         self.tracking_uri = tracking_uri
         self.tags = {str(k): str(v) for k, v in (tags or {}).items()}
         self.max_buffer = int(max_buffer)
-        self.enabled = _rank() == 0
+        self.enabled = World(None).rank == 0
         ident = f"{redact_url(stage.store.url)}\0{stage.key}"
         self.stage_id = hashlib.sha256(ident.encode()).hexdigest()[:32]
         self.run_id: str | None = None
