@@ -25,7 +25,9 @@ from faultkit.testing import MlflowServer
 from faultkit.torch import MlflowRun
 
 ZYGOTE = os.path.join(os.path.dirname(__file__), "torch_scripts", "zygote.py")
-STEPS, EVERY, KILLS = 40, 5, 12
+# Long enough that the kills never use up the run: a kill at the first batch sent has nothing
+# to send (so never fires) once an earlier incarnation sent the last interval's points.
+STEPS, EVERY, KILLS = 150, 5, 12
 FP_POINTS = ["mlflow.sent", "save.blob_written", "log.before_create"]
 
 
@@ -58,7 +60,7 @@ def _plans(rng: random.Random) -> list[dict]:
         elif i % 3 == 1:
             plans.append({"kind": "fp", "point": rng.choice(FP_POINTS[1:]), "nth": 1})
         else:
-            plans.append({"kind": "time", "step": rng.randint(1, STEPS - 4), "after": 0.0})
+            plans.append({"kind": "time", "step": rng.randint(1, STEPS // 5), "after": 0.0})
     return plans
 
 
