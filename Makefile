@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.faultkit-installed
+# Two pytest workers: most tests wait on servers and timeouts, not on the CPU.
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test bench lint clean
 
@@ -22,7 +24,7 @@ demo: setup
 	$(VENV)/bin/faultkit demo --out demo-out
 
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 bench: setup
 	$(PY) -m bench

@@ -15,6 +15,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under ``pytest -n`` (pytest-xdist, ``--dist loadgroup``; ``make test`` runs two
+    workers) a module stays on one worker, so its module-scoped servers start once, and the
+    multi-host tests share one worker, so two simulated clusters never run at once."""
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        group = "cluster" if path.startswith("tests/cluster/") else path
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture
 def alert_receiver():
     """A real HTTP receiver on 127.0.0.1; ``alert_receiver.url()`` is an Apprise json:// URL."""
