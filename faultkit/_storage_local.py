@@ -49,6 +49,10 @@ def _split(path: str) -> tuple[str, str]:
     return folder, name
 
 
+class _Absent(FileNotFoundError):
+    """A folder is not there, checked under a parent that is still linked."""
+
+
 @dataclass(slots=True)
 class _Fd:
     fd: int
@@ -72,9 +76,15 @@ class _Dirs:
         self._fds: OrderedDict[str, _Fd] = OrderedDict()
 
     def _open(self, folder: str, create: bool) -> int:
-        """A new descriptor of ``folder``, walked from the nearest cached folder above it."""
+        """A new descriptor of ``folder``, walked from the nearest cached folder above it.
+
+        The folder above the target stays cached, and so does the deepest one found when a
+        folder on the way is missing: a fresh stage is looked up several times before it is
+        made, and hundreds of stages under one run folder each cost a lookup, not a walk from
+        the root. A missing folder under a folder known to be linked raises
+        :class:`_Absent`: it is really not there (no stale descriptor to forget and retry)."""
         parts = folder.split("/")
-        start, base = 0, self._root
+        start, base, held = 0, self._root, None
         for i in range(len(parts) - 1, 0, -1):
             with self._lock:
                 name = "/".join(parts[:i])
@@ -86,14 +96,27 @@ class _Dirs:
                     h.users += 1
                     start, base, held = i, h.fd, h
                     break
-        else:
-            held = None
-        fd = base
+        fd = base  # the descriptor of parts[:i] at step i
         try:
             for i in range(start, len(parts)):
-                nxt = self._step(fd, parts[i], create, "/".join(parts[: i + 1]))
+                try:
+                    nxt = self._step(fd, parts[i], create, "/".join(parts[: i + 1]))
+                except FileNotFoundError as exc:
+                    if create:
+                        raise
+                    # Opened on this walk, or the root: linked. From the cache: ask.
+                    linked = fd != base or held is None or os.fstat(fd).st_nlink != 0
+                    if fd != base:
+                        self._keep("/".join(parts[:i]), fd)
+                        fd = base
+                    if linked:
+                        raise _Absent(errno.ENOENT, "no such folder", folder) from exc
+                    raise
                 if fd != base:
-                    os.close(fd)
+                    if i == len(parts) - 1:
+                        self._keep("/".join(parts[:i]), fd)
+                    else:
+                        os.close(fd)
                 fd = nxt
             return fd
         except BaseException:
@@ -103,6 +126,25 @@ class _Dirs:
         finally:
             if held is not None:
                 self._release(held)
+
+    def _adopt(self, folder: str, fd: int, users: int = 1) -> _Fd:
+        """Cache ``fd`` as ``folder``'s descriptor, in use ``users`` times; when another
+        thread cached one meanwhile, ours stays private (closed once its users are done)."""
+        h = _Fd(fd, users=users)
+        with self._lock:
+            if folder in self._fds:
+                h.retired = True
+                if users == 0:
+                    os.close(fd)
+            else:
+                self._fds[folder] = h
+                while len(self._fds) > self._limit:
+                    self._retire(self._fds.popitem(last=False)[1])
+        return h
+
+    def _keep(self, folder: str, fd: int) -> None:
+        """Cache ``fd``, a folder passed on a walk, with no user."""
+        self._adopt(folder, fd, users=0)
 
     @staticmethod
     def _step(fd: int, name: str, create: bool, path: str) -> int:
@@ -140,14 +182,7 @@ class _Dirs:
                 self._fds.move_to_end(folder)
                 h.users += 1
         if h is None:
-            h = _Fd(self._open(folder, create), users=1)
-            with self._lock:
-                if folder in self._fds:  # another thread cached one meanwhile: ours is private
-                    h.retired = True
-                else:
-                    self._fds[folder] = h
-                    while len(self._fds) > self._limit:
-                        self._retire(self._fds.popitem(last=False)[1])
+            h = self._adopt(folder, self._open(folder, create))
         try:
             yield h.fd
         finally:
@@ -221,8 +256,8 @@ class LocalStorage(Storage):
             try:
                 ctx = self._dirs.use(folder, create)
                 dfd = ctx.__enter__()
-            except FileNotFoundError:
-                if last or not folder:
+            except FileNotFoundError as exc:
+                if last or not folder or isinstance(exc, _Absent):
                     raise
                 self._dirs.forget_path(folder)  # a cached folder above it was removed
                 continue
@@ -236,7 +271,8 @@ class LocalStorage(Storage):
             self._dirs.forget(folder)
         raise AssertionError("not reached")
 
-    def _open_file(self, path: str) -> int:
+    def _open_file(self, path: str) -> tuple[int, int]:
+        """A descriptor of regular file ``path`` (never through a link) and its size."""
         folder, name = _split(path)
 
         def op(dfd: int) -> int:
@@ -248,10 +284,11 @@ class LocalStorage(Storage):
                 raise
 
         fd = self._in(folder, False, op)
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise LinkRefusedError(path)
-        return fd
+        return fd, st.st_size
 
     # -- Storage -----------------------------------------------------------------------
 
@@ -387,18 +424,29 @@ class LocalStorage(Storage):
             os.fsync(dfd)
 
     def read(self, path: str) -> bytes:
-        fd = self._open_file(path)
-        with os.fdopen(fd, "rb") as f:
-            return f.read()
+        fd, size = self._open_file(path)
+        try:  # objects never change once linked: read the size fstat saw, unbuffered
+            chunks, got = [], 0
+            while True:
+                chunk = os.read(fd, max(size - got, 0) or 65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+                if got == size:
+                    break
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
 
     def open_read(self, path: str) -> IO[bytes]:
-        return os.fdopen(self._open_file(path), "rb")
+        return os.fdopen(self._open_file(path)[0], "rb")
 
     def map_private(self, path: str) -> mmap.mmap:
         """A private, copy-on-write memory map of the whole object (no copy made)."""
-        fd = self._open_file(path)
+        fd, size = self._open_file(path)
         try:
-            if os.fstat(fd).st_size == 0:
+            if size == 0:
                 return mmap.mmap(-1, 1, access=mmap.ACCESS_COPY)
             return mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
         finally:

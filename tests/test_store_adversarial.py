@@ -504,6 +504,36 @@ def test_symlinked_stage_folder_is_refused(tmp_path, outside):
     assert _tree(outside) == before
 
 
+def test_cached_folders_removed_and_made_again_elsewhere(tmp_path, outside):
+    """One process caches the folders above a stage it looked up; another removes the run's
+    folder and makes it again, then replaces it with a link. The first finds the new stage,
+    never the old answer; it reads nothing through the link and refuses to write there."""
+    import shutil
+
+    from faultkit import _resumable
+
+    url = f"file://{tmp_path}/store"
+    mine, other = CheckpointStore(url), CheckpointStore(url)
+    k = key("run", "r1", "task", "p0")
+    assert _resumable.recorded(mine, k) == (False, None)  # missing: its run folder is cached
+    _resumable.call(lambda stage: "first", store=other, key=k)
+    assert _resumable.recorded(mine, k) == (True, "first")
+
+    run = tmp_path / "store" / "run"
+    shutil.rmtree(run)  # the folders mine has cached are gone
+    assert _resumable.recorded(mine, k) == (False, None)
+    _resumable.call(lambda stage: "second", store=other, key=k)  # made again
+    assert _resumable.recorded(mine, k) == (True, "second")
+
+    shutil.rmtree(run)
+    run.symlink_to(outside)
+    before = _tree(outside)
+    assert _resumable.recorded(mine, k) == (False, None)  # nothing read through the link
+    with pytest.raises(OSError, match="link"):
+        _resumable.call(lambda stage: "third", store=mine, key=k)
+    assert _tree(outside) == before
+
+
 def test_store_root_may_itself_be_a_link(tmp_path):
     """The store's own root may be a link (that is the user's configuration)."""
     real = tmp_path / "real"
