@@ -428,7 +428,7 @@ class LocalStorage(Storage):
         try:  # objects never change once linked: read the size fstat saw, unbuffered
             chunks, got = [], 0
             while True:
-                chunk = os.read(fd, max(size - got, 0) or 65536)
+                chunk = os.read(fd, (size - got) or 65536)  # 0 bytes: read to the end
                 if not chunk:
                     break
                 chunks.append(chunk)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ from faultkit import (
     StaleAttemptError,
     StoreConfigError,
     _failpoints,
+    _resumable,
     key,
 )
 from faultkit._keys import MAX_KEY, key_parts
@@ -508,10 +510,6 @@ def test_cached_folders_removed_and_made_again_elsewhere(tmp_path, outside):
     """One process caches the folders above a stage it looked up; another removes the run's
     folder and makes it again, then replaces it with a link. The first finds the new stage,
     never the old answer; it reads nothing through the link and refuses to write there."""
-    import shutil
-
-    from faultkit import _resumable
-
     url = f"file://{tmp_path}/store"
     mine, other = CheckpointStore(url), CheckpointStore(url)
     k = key("run", "r1", "task", "p0")
