@@ -21,9 +21,7 @@ import os
 import stat
 import threading
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import IO, TypeVar
 
 from . import _failpoints
@@ -53,98 +51,102 @@ class _Absent(FileNotFoundError):
     """A folder is not there, checked under a parent that is still linked."""
 
 
-@dataclass(slots=True)
 class _Fd:
-    fd: int
-    users: int = 0
-    retired: bool = False  # out of the cache: closed when its last user is done
+    """A folder's descriptor, closed when the last reference to it goes: the cache's, or a
+    thread's that is using it. So an evicted or forgotten folder is never closed under a
+    thread still using it, and taking one from the cache needs no lock."""
+
+    __slots__ = ("fd", "owned", "used")
+
+    def __init__(self, fd: int, owned: bool = True) -> None:
+        self.fd = fd
+        self.owned = owned  # the store's root is closed by the store
+        self.used = True  # used since the cache last passed it (see _Dirs._adopt)
+
+    def __del__(self) -> None:
+        if self.owned:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
 
 
 class _Dirs:
     """Descriptors of folders inside the root, opened one name at a time with ``O_NOFOLLOW``.
 
-    The most recently used are kept open (at most ``limit``), so a commit needs no lookup of
-    its folder; a descriptor in use is never closed under its user. A record is created
-    relative to its folder's descriptor and the same descriptor is fsync'd, so the entry made
-    durable is the one in the folder written to.
+    The recently used are kept open (at most ``limit``), so a commit needs no lookup of its
+    folder. A record is created relative to its folder's descriptor and the same descriptor
+    is fsync'd, so the entry made durable is the one in the folder written to.
+
+    Looking a folder up in the cache takes no lock: hundreds of threads (Prefect runs each
+    task in its own) committing at once would otherwise queue on it, each hand-over a
+    context switch. Only adding and removing entries lock; a handle (:class:`_Fd`) keeps its
+    descriptor open for as long as anyone holds it. Eviction gives a second chance to the
+    entries used since it last passed them (the clock algorithm, over the dict's order).
     """
 
     def __init__(self, root_fd: int, limit: int = 64) -> None:
-        self._root = root_fd
+        self._root = _Fd(root_fd, owned=False)
         self._limit = limit
-        self._lock = threading.Lock()
-        self._fds: OrderedDict[str, _Fd] = OrderedDict()
+        self._lock = threading.Lock()  # adding and removing entries
+        self._fds: dict[str, _Fd] = {}
 
-    def _open(self, folder: str, create: bool) -> int:
-        """A new descriptor of ``folder``, walked from the nearest cached folder above it.
+    def get(self, folder: str, create: bool) -> _Fd:
+        """A handle of ``folder`` ("" is the root); missing folders are made if ``create``,
+        else ``FileNotFoundError``. Hold the handle while using its descriptor."""
+        if not folder:
+            return self._root
+        h = self._fds.get(folder)
+        if h is None:
+            h = self._open(folder, create)
+            self._adopt(folder, h)
+        else:
+            h.used = True
+        return h
 
-        The folder above the target stays cached, and so does the deepest one found when a
+    def _open(self, folder: str, create: bool) -> _Fd:
+        """A new handle of ``folder``, walked from the nearest cached folder above it.
+
+        The folder above the target is cached too, and so is the deepest one found when a
         folder on the way is missing: a fresh stage is looked up several times before it is
         made, and hundreds of stages under one run folder each cost a lookup, not a walk from
         the root. A missing folder under a folder known to be linked raises
         :class:`_Absent`: it is really not there (no stale descriptor to forget and retry)."""
         parts = folder.split("/")
-        start, base, held = 0, self._root, None
+        start, h, cached = 0, self._root, False
         for i in range(len(parts) - 1, 0, -1):
-            with self._lock:
-                name = "/".join(parts[:i])
-                h = self._fds.get(name)
-                if h is not None:
-                    # A used ancestor stays cached: hundreds of new stages under one run
-                    # folder must not push the run folder out and walk from the root.
-                    self._fds.move_to_end(name)
-                    h.users += 1
-                    start, base, held = i, h.fd, h
-                    break
-        fd = base  # the descriptor of parts[:i] at step i
-        try:
-            for i in range(start, len(parts)):
-                try:
-                    nxt = self._step(fd, parts[i], create, "/".join(parts[: i + 1]))
-                except FileNotFoundError as exc:
-                    if create:
-                        raise
-                    # Opened on this walk, or the root: linked. From the cache: ask.
-                    linked = fd != base or held is None or os.fstat(fd).st_nlink != 0
-                    if fd != base:
-                        self._keep("/".join(parts[:i]), fd)
-                        fd = base
-                    if linked:
-                        raise _Absent(errno.ENOENT, "no such folder", folder) from exc
+            above = self._fds.get("/".join(parts[:i]))
+            if above is not None:
+                above.used = True
+                start, h, cached = i, above, True
+                break
+        for i in range(start, len(parts)):
+            try:
+                nxt = self._step(h.fd, parts[i], create, "/".join(parts[: i + 1]))
+            except FileNotFoundError as exc:
+                if create:
                     raise
-                if fd != base:
-                    if i == len(parts) - 1:
-                        self._keep("/".join(parts[:i]), fd)
-                    else:
-                        os.close(fd)
-                fd = nxt
-            return fd
-        except BaseException:
-            if fd != base:
-                os.close(fd)
-            raise
-        finally:
-            if held is not None:
-                self._release(held)
-
-    def _adopt(self, folder: str, fd: int, users: int = 1) -> _Fd:
-        """Cache ``fd`` as ``folder``'s descriptor, in use ``users`` times; when another
-        thread cached one meanwhile, ours stays private (closed once its users are done)."""
-        h = _Fd(fd, users=users)
-        with self._lock:
-            if folder in self._fds:
-                h.retired = True
-                if users == 0:
-                    os.close(fd)
-            else:
-                self._fds[folder] = h
-                while len(self._fds) > self._limit:
-                    self._retire(self._fds.popitem(last=False)[1])
+                if i > start:  # opened on this walk, so linked: keep it for the next lookup
+                    self._adopt("/".join(parts[:i]), h)
+                elif cached and os.fstat(h.fd).st_nlink == 0:
+                    raise  # a cached folder was removed: the caller forgets it and retries
+                raise _Absent(errno.ENOENT, "no such folder", folder) from exc
+            if i > start and i == len(parts) - 1:
+                self._adopt("/".join(parts[:i]), h)
+            h = _Fd(nxt)
         return h
 
-    def _keep(self, folder: str, fd: int) -> None:
-        """Cache ``fd``, a folder passed on a walk, with no user."""
-        self._adopt(folder, fd, users=0)
+    def _adopt(self, folder: str, h: _Fd) -> None:
+        """Cache ``h`` as ``folder``'s handle, unless another thread cached one meanwhile."""
+        with self._lock:
+            if folder in self._fds:
+                return
+            self._fds[folder] = h
+            fds = self._fds
+            while len(fds) > self._limit:
+                name = next(iter(fds))
+                old = fds.pop(name)
+                if old.used:  # used since the last pass: a second chance, at the back
+                    old.used = False
+                    fds[name] = old
 
     @staticmethod
     def _step(fd: int, name: str, create: bool, path: str) -> int:
@@ -163,53 +165,21 @@ class _Dirs:
                 raise
         raise FileNotFoundError(errno.ENOENT, "folder removed while it was being made", path)
 
-    def _release(self, h: _Fd) -> None:
-        with self._lock:
-            h.users -= 1
-            if h.retired and h.users == 0:
-                os.close(h.fd)
-
-    @contextlib.contextmanager
-    def use(self, folder: str, create: bool) -> Iterator[int]:
-        """The descriptor of ``folder`` ("" is the root); missing folders are made if
-        ``create``, else ``FileNotFoundError``."""
-        if not folder:
-            yield self._root
-            return
-        with self._lock:
-            h = self._fds.get(folder)
-            if h is not None:
-                self._fds.move_to_end(folder)
-                h.users += 1
-        if h is None:
-            h = self._adopt(folder, self._open(folder, create))
-        try:
-            yield h.fd
-        finally:
-            self._release(h)
-
-    @staticmethod
-    def _retire(h: _Fd) -> None:  # called under the lock
-        h.retired = True
-        if h.users == 0:
-            os.close(h.fd)
-
     def forget(self, folder: str) -> None:
-        """Drop the descriptors of ``folder`` and every folder under it (they were removed)."""
+        """Drop the handles of ``folder`` and every folder under it (they were removed)."""
         with self._lock:
             for name in [f for f in self._fds if f == folder or f.startswith(folder + "/")]:
-                self._retire(self._fds.pop(name))
+                del self._fds[name]
 
     def forget_path(self, folder: str) -> None:
-        """Drop the descriptors of ``folder`` and of every folder above it."""
+        """Drop the handles of ``folder`` and of every folder above it."""
         parts = folder.split("/")
         for i in range(1, len(parts) + 1):
             self.forget("/".join(parts[:i]))
 
     def close(self) -> None:
         with self._lock:
-            while self._fds:
-                self._retire(self._fds.popitem()[1])
+            self._fds.clear()
 
 
 class LocalStorage(Storage):
@@ -254,20 +224,17 @@ class LocalStorage(Storage):
         removed under us (by delete/gc in another process) and made again."""
         for last in (False, True):
             try:
-                ctx = self._dirs.use(folder, create)
-                dfd = ctx.__enter__()
+                h = self._dirs.get(folder, create)
             except FileNotFoundError as exc:
                 if last or not folder or isinstance(exc, _Absent):
                     raise
                 self._dirs.forget_path(folder)  # a cached folder above it was removed
                 continue
             try:
-                return fn(dfd)
+                return fn(h.fd)
             except FileNotFoundError:
-                if last or not folder or os.fstat(dfd).st_nlink != 0:
+                if last or not folder or os.fstat(h.fd).st_nlink != 0:
                     raise
-            finally:
-                ctx.__exit__(None, None, None)
             self._dirs.forget(folder)
         raise AssertionError("not reached")
 
@@ -362,8 +329,8 @@ class LocalStorage(Storage):
         return name
 
     def _link_tmp(self, tmp: str, dfd: int, name: str, durable: bool) -> None:
-        with self._dirs.use("@tmp", False) as t:
-            os.link(tmp, name, src_dir_fd=t, dst_dir_fd=dfd, follow_symlinks=False)
+        t = self._dirs.get("@tmp", False)  # held until the link is made
+        os.link(tmp, name, src_dir_fd=t.fd, dst_dir_fd=dfd, follow_symlinks=False)
         _failpoints.hit("storage.linked")
         if durable:
             os.fsync(dfd)

@@ -532,6 +532,63 @@ def test_cached_folders_removed_and_made_again_elsewhere(tmp_path, outside):
     assert _tree(outside) == before
 
 
+def test_folder_cache_never_closes_a_descriptor_in_use(tmp_path):
+    """Many threads commit through one store whose folder cache holds two entries while
+    another thread keeps emptying it: every descriptor taken from the cache must stay open
+    (and name the same folder) until its user is done, or a record lands in another stage's
+    log. Every stage ends with its own units and result, its log undamaged, and no
+    descriptor is left open once the store's cache is dropped."""
+    store = CheckpointStore(f"file://{tmp_path}/s", fsync=False)
+    dirs = store._storage._dirs
+    dirs._limit = 2
+    walks = []
+    walk = dirs._open
+    dirs._open = lambda folder, create: walks.append(folder) or walk(folder, create)
+    fds = len(os.listdir("/proc/self/fd"))
+    stop, errors = threading.Event(), []
+
+    def churn() -> None:
+        while not stop.is_set():
+            dirs.forget("run")
+            os.sched_yield()
+
+    def body(i: int, stage: Stage) -> int:
+        for u in range(3):
+            stage.done(u, {"i": i, "u": u})
+        return i
+
+    def worker(w: int) -> None:
+        try:
+            for j in range(8):
+                i = w * 8 + j
+                _resumable.call(body, (i,), store=store, key=f"run/t-{i}", first_try=True)
+        except Exception as exc:  # reported below, with the others
+            errors.append(exc)
+
+    churner = threading.Thread(target=churn)
+    churner.start()
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    stop.set()
+    churner.join(timeout=30)
+    assert not errors, errors[:3]
+    assert len(walks) > 2 * 256, "the cache never missed: nothing was evicted under a user"
+    other = CheckpointStore(f"file://{tmp_path}/s")
+    for i in range(256):
+        k = f"run/t-{i}"
+        assert _resumable.recorded(other, k) == (True, i)
+        view = other.read_view(k)
+        assert not view.damaged, (k, view.damaged)
+        got = {r.unit: r.result for r in view.units.values()}
+        assert got == {u: {"i": i, "u": u} for u in range(3)}, k
+    dirs.close()
+    other._storage._dirs.close()
+    assert len(os.listdir("/proc/self/fd")) <= fds + 1  # other's root
+
+
 def test_store_root_may_itself_be_a_link(tmp_path):
     """The store's own root may be a link (that is the user's configuration)."""
     real = tmp_path / "real"
