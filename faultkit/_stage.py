@@ -467,8 +467,11 @@ class Stage:
             if self._epoch:
                 return self
             # One listing per attempt finds gaps; after it (refresh() then claim()), reading
-            # on from the cursor finds what was added since.
-            self._catch_up(full=not self._listed)
+            # on from the cursor finds what was added since. A lazy claim after a read reads
+            # nothing more: its first commit is conditional on the position after that read
+            # (a record made since makes it read on, and fences it if that is a claim).
+            if not (lazy and self._listed):
+                self._catch_up(full=not self._listed)
             v = self._view
             if lazy and not (v.damaged or v.base or v.sinks or v.deleted):
                 self._epoch, self._lazy = v.fence + 1, True
