@@ -466,12 +466,12 @@ class Stage:
         with self._lock:
             if self._epoch:
                 return self
-            # One listing per attempt finds gaps; after it (refresh() then claim()), reading
-            # on from the cursor finds what was added since. A lazy claim after a read reads
-            # nothing more: its first commit is conditional on the position after that read
-            # (a record made since makes it read on, and fences it if that is a claim).
-            if not (lazy and self._listed):
-                self._catch_up(full=not self._listed)
+            # One listing per attempt finds gaps. After it (refresh() then claim()) nothing
+            # more is read: the claim, or with lazy=True the first commit, is created at the
+            # position after what was read, so a record made since makes that create fail;
+            # it then reads on and claims above (or, lazy, is fenced by a newer claim).
+            if not self._listed:
+                self._catch_up(full=True)
             v = self._view
             if lazy and not (v.damaged or v.base or v.sinks or v.deleted):
                 self._epoch, self._lazy = v.fence + 1, True
