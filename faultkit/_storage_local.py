@@ -65,8 +65,10 @@ class _Fd:
 
     def __del__(self) -> None:
         if self.owned:
-            with contextlib.suppress(OSError):
+            try:  # no module-level helper: this may run while the interpreter shuts down
                 os.close(self.fd)
+            except Exception:  # closed already, or os is gone at exit
+                pass
 
 
 class _Dirs:

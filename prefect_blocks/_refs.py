@@ -7,20 +7,15 @@ instead, and the store is built once per process where the task runs.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import threading
 from typing import TYPE_CHECKING, Any
 
 from faultkit._alerts import alert_urls
+from faultkit._resumable import store_for
 
 if TYPE_CHECKING:
     from faultkit import Alerter, CheckpointStore, RetryPolicy
 
 __all__ = ["AlertRef", "PolicyRef", "StoreRef", "policy_of"]
-
-_lock = threading.Lock()
-_stores: dict[str, CheckpointStore] = {}
 
 
 def _is_url(value: str) -> bool:
@@ -86,7 +81,6 @@ class StoreRef:
         """The store, built once per process and reference."""
         if self._store is not None:
             return self._store
-        from faultkit import CheckpointStore
 
         block = self.block
         if block is None and self.block_name is not None:
@@ -97,13 +91,7 @@ class StoreRef:
             url, opts = block.url, block.options()
         else:
             url, opts = self.url, {}
-        ident = hashlib.sha256(
-            json.dumps([url, opts], sort_keys=True, default=str).encode()
-        ).hexdigest()
-        with _lock:
-            store = _stores.get(ident)
-            if store is None:
-                store = _stores[ident] = CheckpointStore(url, **opts)
+        store = store_for(url, opts)  # the core's cache: one per process, URL and options
         self._store = store
         return store
 
