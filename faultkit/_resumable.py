@@ -52,6 +52,9 @@ def store_for(url: str, options: Mapping[str, Any] | None = None) -> CheckpointS
     ident = hashlib.sha256(
         json.dumps([url, dict(options or {})], sort_keys=True, default=str).encode()
     ).hexdigest()
+    store = _stores.get(ident)  # found: no lock (a task per call may run in hundreds of threads)
+    if store is not None:
+        return store
     with _stores_lock:
         store = _stores.get(ident)
         if store is None:
