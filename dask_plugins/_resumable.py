@@ -196,18 +196,19 @@ class Resumable:
                 "dask.delayed(...).compute()), not directly or on the local scheduler"
             )
         worker, store = self._resolve_store()
+        skey = stage_key(task_key, self._scope(worker))
         if self.retry is None:
             try:
-                return self._attempt(store, worker, task_key, args, kwargs)
+                return self._attempt(store, worker, task_key, skey, args, kwargs)
             except Exception as exc:
-                return self._give_up(store, worker, task_key, exc)
+                return self._give_up(store, worker, task_key, skey, exc)
         # The policy decides (on=, attempts, timeout, waits, events); each new attempt
         # claims the stage again, so it fences the failed one and resumes its units.
         t0, attempt, failures = time.monotonic(), 0, collections.Counter[str]()
         while True:
             attempt += 1
             try:
-                return self._attempt(store, worker, task_key, args, kwargs)
+                return self._attempt(store, worker, task_key, skey, args, kwargs)
             except Exception as exc:
                 failures[self.retry.failure_class(exc)] += 1
                 wait = self.retry.decide(
@@ -218,15 +219,19 @@ class Resumable:
                     key=str(task_key),
                 )
                 if wait is None:
-                    return self._give_up(store, worker, task_key, exc)
+                    return self._give_up(store, worker, task_key, skey, exc)
             time.sleep(wait)
 
-    def _give_up(self, store: CheckpointStore, worker: Any, task_key: Any, exc: Exception) -> Any:
+    def _give_up(
+        self, store: CheckpointStore, worker: Any, task_key: Any, skey: str, exc: Exception
+    ) -> Any:
         """The task gives up on ``exc``: serve an earlier output if ``fallback=`` allows,
         else raise ``exc``."""
+        if self.fallback is None:
+            raise exc
         served = resumable_call._fall_back(
             store,
-            stage_key(task_key, self._scope(worker)),
+            skey,
             lineage_of(task_key),
             self.fallback,
             exc,
@@ -248,10 +253,10 @@ class Resumable:
         store: CheckpointStore,
         worker: Any,
         task_key: Any,
+        skey: str,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
     ) -> Any:
-        scope = self._scope(worker)
         wid = id(worker) if worker is not None else None
 
         def body(*a: Any, stage: Any, **kw: Any) -> Any:
@@ -267,12 +272,12 @@ class Resumable:
             args,
             kwargs,
             store=store,
-            key=stage_key(task_key, scope),
+            key=skey,
             expire=self.expire,
             pickle_ok=self.pickle_result,
             logger=log,
             fallback=self.fallback,
-            lineage=lineage_of(task_key),
+            lineage=lineage_of(task_key) if self.fallback is not None else None,
             last_try=False,  # the policy decides in __call__, which serves the fallback
         )
 

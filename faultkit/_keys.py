@@ -22,6 +22,8 @@ __all__ = [
 ]
 
 _SEGMENT = re.compile(r"[A-Za-z0-9._=-]+")
+# A part made only of these (and not starting with ".") is its own segment: no escaping.
+_PLAIN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
 # File systems cap a name at 255 bytes; leave room for our own suffixes.
 MAX_SEGMENT = 200
@@ -70,6 +72,8 @@ def check_key(k: str) -> str:
 
 
 def _encode(part: str) -> str:
+    if len(part) <= MAX_SEGMENT and _PLAIN.fullmatch(part):
+        return part  # the common case (ids, dates without a colon), checked in C
     if part == "":
         return "="
     out = []

@@ -41,7 +41,7 @@ __all__ = ["accepts_stage", "call", "call_async", "recorded", "store_for"]
 
 log = logging.getLogger("faultkit.resumable")
 
-_stores: dict[str, CheckpointStore] = {}
+_stores: dict[tuple[str, bytes], CheckpointStore] = {}  # by URL and a digest of options
 _stores_lock = threading.Lock()
 _warned: set[str] = set()
 
@@ -49,9 +49,12 @@ _warned: set[str] = set()
 def store_for(url: str, options: Mapping[str, Any] | None = None) -> CheckpointStore:
     """The store for ``url`` and ``options``, built once per process (stores cache folder
     descriptors and connections; a task per second must not rebuild them)."""
-    ident = hashlib.sha256(
-        json.dumps([url, dict(options or {})], sort_keys=True, default=str).encode()
-    ).hexdigest()
+    opts = (
+        hashlib.sha256(json.dumps(dict(options), sort_keys=True, default=str).encode()).digest()
+        if options
+        else b""
+    )
+    ident = (url, opts)
     store = _stores.get(ident)  # found: no lock (a task per call may run in hundreds of threads)
     if store is not None:
         return store

@@ -259,9 +259,8 @@ class MemoryStorage(Storage):
             self._tree = self._trees.setdefault(name, {})
 
     def _index(self, path: str, delta: int) -> None:
-        parts = path.split("/")
-        for i, child in enumerate(parts):
-            folder = "/".join(parts[:i])
+        folder = ""
+        for child in path.split("/"):
             children = self._tree.setdefault(folder, {})
             n = children.get(child, 0) + delta
             if n > 0:
@@ -270,6 +269,7 @@ class MemoryStorage(Storage):
                 children.pop(child, None)
                 if not children:
                     del self._tree[folder]
+            folder = f"{folder}/{child}" if folder else child
 
     def create(self, path: str, data: bytes, *, durable: bool = True) -> None:
         check_rel(path)

@@ -26,7 +26,7 @@ from faultkit import (
     _resumable,
     key,
 )
-from faultkit._keys import MAX_KEY, key_parts
+from faultkit._keys import MAX_KEY, MAX_SEGMENT, key_parts
 from faultkit._log import decode, encode
 from faultkit._stage import Stage
 
@@ -203,6 +203,29 @@ def test_key_parts_that_differ_give_different_keys():
     ks = {key(base + c) for c in "abc"} | {key("z", base + c) for c in "abc"}
     assert len(ks) == 6
     assert key(*["q"] * 300) != key(*["q"] * 301)
+
+
+def test_plain_parts_are_kept_and_the_rest_escaped():
+    """key()'s fast path (a part that needs no escaping is kept as it is) gives exactly the
+    escaped form, at the edges of what it admits too."""
+
+    def escaped(part: str) -> str:
+        if part == "":
+            return "="
+        safe = set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-")
+        out = []
+        for i, c in enumerate(part):
+            if c in safe and not (c == "." and i == 0):
+                out.append(c)
+            else:
+                out.extend(f"={b:02X}" for b in c.encode())
+        return "".join(out)
+
+    parts = ["a", "A-z_0.9", "-", "_", "a.", ".a", "..", "a b", "a\n", "é", "٣", "x" * 200]
+    for part in parts:
+        assert key("p", part) == f"p/{escaped(part)}", part
+    assert key("x" * 201) != "x" * 201 and len(key("x" * 201)) <= MAX_SEGMENT
+    assert key("x" * 200) == "x" * 200
 
 
 def test_refused_key_writes_nothing(store, backend):
