@@ -4,7 +4,9 @@
    ``client.map(resumable(fn))`` on ``memory://`` (each worker process has its own) and on
    ``file://``, and a plain task doing the same durable work by hand (the floor: a folder,
    a record, a second record fsync'd with its folder). Targets: ``file://`` (a store that
-   can resume) <= 1.25, ``memory://`` <= 1.05.
+   can resume) <= 1.25, ``memory://`` <= 1.05. The tasks run in batches of ``n / 5``, the
+   variants taking turns in each batch in ABBA order; each ratio is the median, and the
+   range, of the batches' ratios (this machine's noise is several per cent per batch).
 2. SIGKILL the worker running a task; seconds until the task runs again on the other worker,
    plain against resumable (the start of ``fn``, after the stage is claimed). Target:
    resumable <= plain + 0.5 s.
@@ -76,9 +78,10 @@ def _wait(cond: Any, timeout: float, what: str) -> Any:
         time.sleep(0.005)
 
 
-def _overhead(client: Any, n: int, rounds: int, tmp: str) -> dict[str, float]:
-    """Seconds per variant for ``n`` tasks, run in interleaved batches so load drift on a
-    shared machine hits every variant alike."""
+def _overhead(client: Any, n: int, rounds: int, tmp: str) -> dict[str, list[float]]:
+    """Seconds per variant for each batch of ``n / 5`` tasks, scaled to ``n``: the variants
+    take turns within a batch, in reversed order every other batch (ABBA), so load drift on
+    a shared machine hits every variant alike."""
     batches = max(1, rounds) * 5
     size = max(1, n // 5)
     variants = {
@@ -91,19 +94,25 @@ def _overhead(client: Any, n: int, rounds: int, tmp: str) -> dict[str, float]:
         ),
         "floor": lambda tag: client.map(tiny_floor, range(size), tag=tag, root=f"{tmp}/floor"),
     }
-    times = dict.fromkeys(variants, 0.0)
+    times: dict[str, list[float]] = {k: [] for k in variants}
     client.gather(variants["memory"]("warm"))  # imports and first connections on workers
-    for _ in range(batches):
-        for name, submit in variants.items():
+    client.gather(variants["file"]("warm"))
+    for b in range(batches):
+        for name in list(variants) if b % 2 == 0 else list(variants)[::-1]:
             tag = uuid.uuid4().hex[:8]
             t0 = time.perf_counter()
-            futs = submit(tag)
+            futs = variants[name](tag)
             client.gather(futs)
-            times[name] += time.perf_counter() - t0
+            times[name].append((time.perf_counter() - t0) * n / size)
             client.cancel(futs)
             del futs
-    scale = n / (size * batches)
-    return {k: v * scale for k, v in times.items()}
+    return times
+
+
+def _ratio(top: list[float], bottom: list[float]) -> tuple[float, float, float]:
+    """Median, lowest and highest of the batches' ratios ``top / bottom``."""
+    rs = [a / b for a, b in zip(top, bottom, strict=True)]
+    return round(statistics.median(rs), 3), round(min(rs), 3), round(max(rs), 3)
 
 
 def _reschedule(client: Any, fn: Any, tmp: str, tries: int) -> list[float]:
@@ -131,7 +140,7 @@ def main() -> dict[str, Any]:
     # Worker restarts are expected here; their log lines would bury the numbers.
     logging.getLogger("distributed").setLevel(logging.ERROR)
     n = int(os.environ.get("BENCH_DASK_TASKS", "5000"))
-    rounds = int(os.environ.get("BENCH_DASK_ROUNDS", "1"))
+    rounds = int(os.environ.get("BENCH_DASK_ROUNDS", "2"))
     tmp = tempfile.mkdtemp(prefix="bench-dask-")
     try:
         with (
@@ -152,26 +161,38 @@ def main() -> dict[str, Any]:
                 ours_r += _reschedule(client, resumable(spin_r, store=f"file://{tmp}/ck"), tmp, 1)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    res = {
+    med = {k: statistics.median(v) for k, v in t.items()}
+    res: dict[str, Any] = {
         "tasks": n,
-        "plain_s": round(t["plain"], 3),
-        "resumable_memory_s": round(t["memory"], 3),
-        "resumable_file_s": round(t["file"], 3),
-        "floor_s": round(t["floor"], 3),
-        "ratio_memory": round(t["memory"] / t["plain"], 3),
-        "ratio_file": round(t["file"] / t["plain"], 3),
-        "ratio_file_floor": round(t["file"] / t["floor"], 3),
-        "ratio_floor": round(t["floor"] / t["plain"], 3),
+        "batches": len(t["plain"]),
+        "plain_s": round(med["plain"], 3),
+        "resumable_memory_s": round(med["memory"], 3),
+        "resumable_file_s": round(med["file"], 3),
+        "floor_s": round(med["floor"], 3),
         "reschedule_plain_s": round(statistics.median(plain_r), 3),
         "reschedule_resumable_s": round(statistics.median(ours_r), 3),
     }
+    for name, top, bottom in (
+        ("ratio_memory", "memory", "plain"),
+        ("ratio_file", "file", "plain"),
+        ("ratio_file_floor", "file", "floor"),
+        ("ratio_floor", "floor", "plain"),
+    ):
+        res[name], lo, hi = _ratio(t[top], t[bottom])
+        res[f"{name}_range"] = [lo, hi]
     res["reschedule_extra_s"] = round(res["reschedule_resumable_s"] - res["reschedule_plain_s"], 3)
+
+    def r(name: str) -> str:
+        lo, hi = res[f"{name}_range"]
+        return f"x{res[name]} ({lo}-{hi})"
+
     print(
-        f"   {n} tiny tasks: plain {res['plain_s']} s, resumable memory:// "
-        f"{res['resumable_memory_s']} s (x{res['ratio_memory']}, target <= 1.05), "
-        f"file:// {res['resumable_file_s']} s (x{res['ratio_file']}, target <= 1.25); the "
-        f"same durable work by hand in a plain task (the floor) {res['floor_s']} s "
-        f"(x{res['ratio_floor']} plain): file:// is x{res['ratio_file_floor']} the floor"
+        f"   {n} tiny tasks, medians of {res['batches']} interleaved batches (ratios: median "
+        f"and range of the batches' ratios): plain {res['plain_s']} s, resumable memory:// "
+        f"{res['resumable_memory_s']} s ({r('ratio_memory')}, target <= 1.05), file:// "
+        f"{res['resumable_file_s']} s ({r('ratio_file')}, target <= 1.25); the same durable "
+        f"work by hand in a plain task (the floor) {res['floor_s']} s ({r('ratio_floor')} "
+        f"plain): file:// is {r('ratio_file_floor')} the floor"
     )
     print(
         f"   SIGKILL -> running again: plain {res['reschedule_plain_s']} s, resumable "
