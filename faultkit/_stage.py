@@ -181,6 +181,8 @@ class Stage:
         if full:
             self._listed = True
             seqs = self._list_log(v.cursor)
+            if seqs is None:
+                return True  # the log's folder does not exist: nothing to read (a fresh stage)
             if seqs:
                 try:
                     got = self._storage.read_many([self._path(s) for s in seqs])
@@ -217,11 +219,14 @@ class Stage:
             if not self._fold(nxt, data):
                 return False
 
-    def _list_log(self, cursor: int) -> list[int]:
+    def _list_log(self, cursor: int) -> list[int] | None:
         """Positions of the log's records after ``cursor``, from the newest compaction on
-        (its ``head-`` hint; a hint is only a shortcut: the record it names is checked)."""
+        (its ``head-`` hint; a hint is only a shortcut: the record it names is checked);
+        None when the log's folder surely does not exist (a link raises)."""
         st, folder = self._storage, self._dir
-        names = st.list(folder) if st.cheap_list else None
+        names = st.list_or_missing(folder) if st.cheap_list else None
+        if names is None and st.cheap_list:
+            return None
         after = cursor
         if not self._bad_bases:  # a summary failed: read the whole history instead
             heads = (

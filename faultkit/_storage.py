@@ -152,6 +152,12 @@ class Storage(ABC):
     def list(self, path: str) -> list[str]:
         """Names (not paths) directly under the folder ``path``, sorted; [] when absent."""
 
+    def list_or_missing(self, path: str) -> list[str] | None:
+        """:meth:`list`, but None where the folder surely does not exist, and
+        :class:`LinkRefusedError` where it, or a folder above it, is a link. A backend
+        without folders (object stores) cannot tell absent from empty and returns a list."""
+        return self.list(path)
+
     #: True where listing a folder of many entries is one cheap call (a local folder).
     cheap_list = True
 

@@ -120,9 +120,10 @@ class _Dirs:
                 above.used = True
                 start, h, cached = i, above, True
                 break
+        made = False  # the folder above was made on this walk: what is under it is new
         for i in range(start, len(parts)):
             try:
-                nxt = self._step(h.fd, parts[i], create, "/".join(parts[: i + 1]))
+                nxt, made = self._step(h.fd, parts[i], create, "/".join(parts[: i + 1]), made)
             except FileNotFoundError as exc:
                 if create:
                     raise
@@ -151,16 +152,30 @@ class _Dirs:
                     fds[name] = old
 
     @staticmethod
-    def _step(fd: int, name: str, create: bool, path: str) -> int:
-        """Open folder ``name`` under ``fd`` (made first if ``create``), never through a link."""
+    def _step(fd: int, name: str, create: bool, path: str, new: bool = False) -> tuple[int, bool]:
+        """Open folder ``name`` under ``fd`` (made first if ``create``), never through a
+        link; ``(descriptor, whether this call made it)``. ``new`` (the folder above was
+        just made) tries to make it before looking (one call fewer; an existing one, made by
+        a racing writer, is opened all the same)."""
+        made = False
         for _ in range(16):  # a folder removed by another process right after we made it
+            if create and new:
+                try:
+                    os.mkdir(name, 0o755, dir_fd=fd)
+                    made = True
+                except FileExistsError:
+                    pass
+                new = False
             try:
-                return os.open(name, _DIR, dir_fd=fd)
+                return os.open(name, _DIR, dir_fd=fd), made
             except FileNotFoundError:
                 if not create:
                     raise
-                with contextlib.suppress(FileExistsError):
+                try:
                     os.mkdir(name, 0o755, dir_fd=fd)
+                    made = True
+                except FileExistsError:
+                    made = False
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                     raise LinkRefusedError(path) from exc
@@ -442,6 +457,19 @@ class LocalStorage(Storage):
         if path:
             check_rel(path)
         return sorted(e.name for e in self._scan(path))
+
+    def list_or_missing(self, path: str) -> list[str] | None:
+        def op(dfd: int) -> list[str]:
+            own = os.open(".", _DIR, dir_fd=dfd)
+            try:
+                return sorted(os.listdir(own))
+            finally:
+                os.close(own)
+
+        try:
+            return self._in(check_rel(path), False, op)
+        except FileNotFoundError:
+            return None
 
     def subdirs(self, path: str) -> list[str]:
         if path:

@@ -20,6 +20,7 @@ from store_helpers import blob_path, claim_seq, flip, log_path, objects, overwri
 from faultkit import (
     CheckpointStore,
     InvalidKeyError,
+    LinkRefusedError,
     StaleAttemptError,
     StoreConfigError,
     _failpoints,
@@ -526,6 +527,52 @@ def test_symlinked_stage_folder_is_refused(tmp_path, outside):
         CheckpointStore(url).delete("evil")
     with pytest.raises(OSError, match="link"):
         CheckpointStore(url).gc("evil", grace=0.0)
+    assert _tree(outside) == before
+
+
+def test_linked_log_folder_is_refused_not_taken_for_a_fresh_stage(tmp_path, outside):
+    """A stage's ``@log`` folder replaced by a link to a folder of forged records: the
+    listing that tells a fresh stage (no log folder) from one to read refuses the link;
+    nothing is read through it, claimed, recorded or deleted there."""
+    url = f"file://{tmp_path}/store"
+    (tmp_path / "store" / "ln" / "t").mkdir(parents=True)
+    (outside / "000000000001").write_bytes(encode({"t": "fin", "e": 7, "r": {"v": 1}, "ts": 0}))
+    (tmp_path / "store" / "ln" / "t" / "@log").symlink_to(outside)
+    before = _tree(outside)
+    with pytest.raises(LinkRefusedError):
+        CheckpointStore(url).stage("ln/t").refresh()
+    with pytest.raises(LinkRefusedError):
+        _resumable.recorded(CheckpointStore(url), "ln/t")
+    for first_try in (True, False):
+        with pytest.raises(LinkRefusedError):
+            _resumable.call(
+                lambda stage: "ran", store=CheckpointStore(url), key="ln/t", first_try=first_try
+            )
+    with pytest.raises(OSError, match="link"):
+        CheckpointStore(url).delete("ln/t")
+    assert _tree(outside) == before
+
+
+def test_new_folder_step_uses_a_racing_writers_folder_and_refuses_a_link(tmp_path, outside):
+    """Under a folder just made, the next one is made before it is looked up: a folder a
+    racing writer made there first is opened all the same, and a link planted there is
+    refused, never followed."""
+    store = CheckpointStore(f"file://{tmp_path}/store")
+    dirs = store._storage._dirs
+    before = _tree(outside)
+    root = os.open(tmp_path / "store", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd, made = dirs._step(root, "fresh", True, "fresh", True)
+        os.close(fd)
+        assert made and (tmp_path / "store" / "fresh").is_dir()
+        fd, made = dirs._step(root, "fresh", True, "fresh", True)  # a racer made it first
+        os.close(fd)
+        assert not made
+        (tmp_path / "store" / "planted").symlink_to(outside)
+        with pytest.raises(LinkRefusedError):
+            dirs._step(root, "planted", True, "planted", True)
+    finally:
+        os.close(root)
     assert _tree(outside) == before
 
 
