@@ -197,9 +197,10 @@ class Resumable:
             )
         worker, store = self._resolve_store()
         skey = stage_key(task_key, self._scope(worker))
+        order = self._run_order(worker, task_key)
         if self.retry is None:
             try:
-                return self._attempt(store, worker, task_key, skey, args, kwargs)
+                return self._attempt(store, worker, task_key, skey, args, kwargs, order)
             except Exception as exc:
                 return self._give_up(store, worker, task_key, skey, exc)
         # The policy decides (on=, attempts, timeout, waits, events); each new attempt
@@ -208,7 +209,8 @@ class Resumable:
         while True:
             attempt += 1
             try:
-                return self._attempt(store, worker, task_key, skey, args, kwargs)
+                first = order if attempt == 1 else None
+                return self._attempt(store, worker, task_key, skey, args, kwargs, first)
             except Exception as exc:
                 failures[self.retry.failure_class(exc)] += 1
                 wait = self.retry.decide(
@@ -245,6 +247,17 @@ class Resumable:
             worker.log_event(FORWARD_TOPIC, {"action": "faultkit-event", **event.to_dict()})
         return served
 
+    def _run_order(self, worker: Any, task_key: Any) -> int | None:
+        """The scheduler's run id of this run of the task: it numbers a task's runs in the
+        order they started, so a rerun after a worker loss is above the lost worker's run
+        (which may still be running: a zombie). Only comparable within one scheduler, so
+        None for a named scope (shared across schedulers), and outside a worker."""
+        if worker is None or self.scope is not None:
+            return None
+        ts = worker.state.tasks.get(task_key)
+        rid = getattr(ts, "run_id", None)
+        return rid if isinstance(rid, int) and not isinstance(rid, bool) and rid >= 0 else None
+
     def _scope(self, worker: Any) -> str:
         return self.scope or (scheduler_scope(worker) if worker is not None else "local")
 
@@ -256,7 +269,10 @@ class Resumable:
         skey: str,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        order: int | None = None,
     ) -> Any:
+        """One attempt. ``order`` (the run id, on the run's first attempt) lets the claim
+        ride on the first commit when the stage's log is empty (see ``Stage.claim``)."""
         wid = id(worker) if worker is not None else None
 
         def body(*a: Any, stage: Any, **kw: Any) -> Any:
@@ -278,6 +294,8 @@ class Resumable:
             logger=log,
             fallback=self.fallback,
             lineage=lineage_of(task_key) if self.fallback is not None else None,
+            first_try=order is not None,
+            order=order,
             last_try=False,  # the policy decides in __call__, which serves the fallback
         )
 

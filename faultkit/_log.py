@@ -99,6 +99,11 @@ def decode(data: bytes) -> dict[str, Any]:
     return body
 
 
+def _order(body: dict[str, Any]) -> int | None:
+    o = body.get("o")
+    return o if isinstance(o, int) and not isinstance(o, bool) else None
+
+
 @dataclass(frozen=True, slots=True)
 class UnitRecord:
     unit: str | int
@@ -138,6 +143,9 @@ class View:
 
     cursor: int = 0
     epoch: int = 0  # the highest epoch claimed so far
+    # The host's order of the attempt whose first commit claimed ``epoch`` (an ordered lazy
+    # claim, see Stage.claim); None for a claim record or a claim without an order.
+    epoch_order: int | None = None
     base: int = 0  # seq of the base record the log starts from (0: none)
     claims: list[tuple[int, int, float]] = field(default_factory=list)  # (epoch, seq, ts)
     units: dict[str, UnitRecord] = field(default_factory=dict)  # unit_id -> record
@@ -203,7 +211,8 @@ class View:
             return
         if t == "claim":
             e = int(body["e"])
-            self.epoch = max(self.epoch, e)
+            if e > self.epoch:
+                self.epoch, self.epoch_order = e, _order(body)
             self.claims.append((e, seq, ts))
             return
         if t == "gc":
@@ -216,7 +225,7 @@ class View:
         if e > self.epoch:
             # Only an attempt that claimed e writes its commits, so e was claimed; its claim
             # (the stage's first, written without fsync) may have been lost in a power cut.
-            self.epoch = e
+            self.epoch, self.epoch_order = e, _order(body)
             self.claims.append((e, seq, ts))
         if t == "done":
             uid = body["id"]

@@ -96,6 +96,7 @@ def _prepare(
     logger: logging.Logger,
     make_stage: Callable[[CheckpointStore, str], Stage] | None = None,
     first_try: bool = False,
+    order: int | None = None,
 ) -> tuple[Stage, bool, Any]:
     """Steps 1-3 up to the claim: ``(stage, True, result)`` when a recorded result stands,
     else ``(claimed stage, False, None)``."""
@@ -113,7 +114,7 @@ def _prepare(
         if found:
             logger.info("stage %s finished earlier; returning its recorded result", key)
             return stage, True, value
-    stage.claim(lazy=first_try)
+    stage.claim(lazy=first_try, order=order)
     if not refresh and not _expired(stage, expire):
         found, value = _codec.replay(stage, pickle_ok=pickle_ok)
         if found:  # another attempt finished between our read and our claim
@@ -149,6 +150,7 @@ def call(
     on_stage: Callable[[Stage], object] | None = None,
     make_stage: Callable[[CheckpointStore, str], Stage] | None = None,
     first_try: bool = False,
+    order: int | None = None,
     logger: logging.Logger | None = None,
     fallback: Fallback | None = None,
     lineage: str | None = None,
@@ -171,6 +173,11 @@ def call(
             Prefect's first run of the task and the flow run), so no older attempt can race
             it: the claim then rides on the first commit (``Stage.claim(lazy=True)``),
             saving one record. Leave it False when unsure: that is always correct.
+        order: with ``first_try``, for a host that cannot rule out an older attempt still
+            running but numbers its runs of the task in the order it started them (Dask's
+            run id): the claim then rides on the first commit only on an empty log, and if
+            an older run's first commit got there first, this one claims above it (see
+            ``Stage.claim``).
         logger: the host's logger (default ``faultkit.resumable``).
         fallback: serve the newest earlier output of ``lineage`` when the body fails on
             the last try with a failure the fallback covers (see ``faultkit.Fallback``).
@@ -190,7 +197,7 @@ def call(
     """
     logger = logger or log
     stage, done, value = _prepare(
-        store, key, expire, refresh, pickle_ok, logger, make_stage, first_try
+        store, key, expire, refresh, pickle_ok, logger, make_stage, first_try, order
     )
     if done:
         return value
@@ -259,6 +266,7 @@ async def call_async(
     pickle_ok: bool = False,
     on_stage: Callable[[Stage], object] | None = None,
     first_try: bool = False,
+    order: int | None = None,
     logger: logging.Logger | None = None,
     fallback: Fallback | None = None,
     lineage: str | None = None,
@@ -270,7 +278,7 @@ async def call_async(
 
     logger = logger or log
     stage, done, value = await asyncio.to_thread(
-        _prepare, store, key, expire, refresh, pickle_ok, logger, None, first_try
+        _prepare, store, key, expire, refresh, pickle_ok, logger, None, first_try, order
     )
     if done:
         return value

@@ -104,6 +104,7 @@ class Stage:
         self._listed = False  # has a full read (listing the log) been done on this object
         self._epoch = 0
         self._lazy = False  # claimed, but the claim rides on the first commit (see claim())
+        self._order: int | None = None  # the host's order of this attempt (claim(order=))
         self._lock = threading.RLock()
         self._claimed_at = 0.0
         self._prior: dict[str, Any] = {}
@@ -416,12 +417,26 @@ class Stage:
         }.get(kind, f"{kind}(step={body.get('step')})")
         while True:
             v = self._view
+            if fenced and self._older_got_there_first(v):
+                # This attempt is the newer one: claim for real above the older attempt
+                # (fencing it and its sinks), then commit under the new epoch.
+                self._epoch, self._lazy, self._order = 0, False, None
+                wait = self._claim_now()
+                if wait:
+                    time.sleep(wait)
+                if kind == "claim":
+                    return 0  # the claim it was to write is written
+                body["e"] = self._epoch
+                body.pop("o", None)
+                continue
             if fenced and self._fenced(v):
                 raise self._stale(what)
             if redundant is not None and redundant(v):
                 return 0
             seq = v.cursor + 1
             body["p"] = v.last_digest
+            if self._lazy and self._order is not None and body.get("e") == self._epoch:
+                body["o"] = self._order  # the claim this commit carries says whose it is
             try:
                 why = self._create(seq, body)
             except FileExistsError:
@@ -440,15 +455,30 @@ class Stage:
                 self._compact()
             return seq
 
+    def _older_got_there_first(self, v: View) -> bool:
+        """True when this attempt's ordered lazy claim (nothing written yet) lost its epoch to
+        the first commit of an attempt the host ordered before it: a zombie of the run
+        this one replaces (see :meth:`claim`)."""
+        return (
+            self._lazy
+            and self._order is not None
+            and v.fence == v.epoch == self._epoch
+            and v.epoch_order is not None
+            and v.epoch_order < self._order
+        )
+
     def _fenced(self, v: View) -> bool:
         """True if a newer attempt owns the stage. Until a lazy claim is written (it rides
         on the attempt's first commit), a claim of the same epoch by anyone else fences it
-        too: that writer read the same log and got there first."""
-        return v.fence >= self._epoch if self._lazy else v.fence > self._epoch
+        too: that writer read the same log and got there first; unless the host ordered
+        that writer before this attempt (it takes over at its first commit instead)."""
+        if self._lazy:
+            return v.fence >= self._epoch and not self._older_got_there_first(v)
+        return v.fence > self._epoch
 
     # -- claiming ----------------------------------------------------------------------
 
-    def claim(self, *, lazy: bool = False) -> Stage:
+    def claim(self, *, lazy: bool = False, order: int | None = None) -> Stage:
         """Claim a new epoch; every write of an older epoch fails from now on.
 
         The new epoch is above every epoch the log holds, and above every damaged position
@@ -467,6 +497,16 @@ class Stage:
         had been written first and then fenced. So no epoch is ever written by two
         attempts. A log with damage, a reset (delete) or sinks of older epochs to fence is
         claimed as usual.
+
+        ``order`` (with ``lazy=True``) is for a host that cannot tell a first try from a
+        rerun whose older attempt may still be running (Dask after a worker loss), but
+        numbers its runs of a task in the order it started them (Dask's run id). The claim
+        is then lazy only on an empty log, and its first commit records ``order``. If
+        another attempt's first commit took the same epoch first, the one with the lower
+        order is fenced: the older attempt gets :class:`~faultkit.StaleAttemptError`, while
+        the newer one claims above it at once (a durable claim that fences it and its sinks,
+        as an eager claim would have) and commits under that epoch. At most the work in
+        flight in both before that first commit is done twice, as with an eager claim.
         """
         with self._lock:
             if self._epoch:
@@ -478,13 +518,28 @@ class Stage:
             if not self._listed:
                 self._catch_up(full=True)
             v = self._view
-            if lazy and not (v.damaged or v.base or v.sinks or v.deleted):
-                self._epoch, self._lazy = v.fence + 1, True
+            if (
+                lazy
+                and not (v.damaged or v.base or v.sinks or v.deleted)
+                and (order is None or v.cursor == 0)
+            ):
+                self._epoch, self._lazy, self._order = v.fence + 1, True, order
                 self._claimed_at = time.time()
                 _failpoints.hit("stage.claimed")
                 if self.resumed:
                     self._announce_resume(v, self._epoch, self._claimed_at)
                 return self
+            wait = self._claim_now()
+        if wait:
+            # Sinks with a commit window: a write of an older epoch that passed its fence
+            # check commits within the window or not at all (see SqlSink).
+            time.sleep(wait)
+        return self
+
+    def _claim_now(self) -> float:
+        """Write a claim above every epoch in the log (under the lock); returns the seconds
+        to wait for older epochs' sink commit windows."""
+        with self._lock:
             while True:
                 if self._seal_gaps():
                     continue
@@ -513,11 +568,7 @@ class Stage:
             self._report_damage(v)
             if self.resumed:
                 self._announce_resume(v, epoch, now)
-        if wait:
-            # Sinks with a commit window: a write of an older epoch that passed its fence
-            # check commits within the window or not at all (see SqlSink).
-            time.sleep(wait)
-        return self
+            return wait
 
     def _seal_gaps(self) -> bool:
         """Fill every gap with a ``void`` record; True if the log changed meanwhile."""
@@ -688,7 +739,8 @@ class Stage:
             if sink_id in self._sinks:
                 return
             mine = self._view.sinks.get(sink_id)
-            if mine is None or mine[0] != self._epoch or mine[1] != dict(fence):
+            # A lazy claim has written nothing: a declaration of its epoch is another's.
+            if self._lazy or mine is None or mine[0] != self._epoch or mine[1] != dict(fence):
                 body = {"t": "sink", "e": self._epoch, "id": sink_id, "fence": dict(fence)}
                 body["ts"] = time.time()
                 self._append(body)

@@ -24,7 +24,7 @@ from dask_plugins import (
     resumable,
     stage_key,
 )
-from faultkit import CheckpointStore, RetryPolicy, chaos
+from faultkit import CheckpointStore, RetryPolicy, StaleAttemptError, chaos
 from faultkit.demo import check_sink, etl_partition
 from faultkit.demo._dask import run_etl_on_dask, run_train_on_dask
 from faultkit.demo._jobs import journal_count, table_digest
@@ -243,6 +243,13 @@ def test_finished_task_not_recomputed_after_worker_loss(ready):
     f2 = c.submit(_plain_side_effect, plain, 21, key="fin-plain", workers=[addr])
     wait_until(lambda: f1.status == f2.status == "finished", 60, "both tasks finished")
     assert set(c.who_has([f1, f2]).values()) == {(addr,)}
+    # A fresh run writes one record: its result, which carries its claim and the run id
+    # the scheduler gave this run (what orders it against a zombie of an earlier run).
+    skey = stage_key("fin-ours", client_scope(c))
+    run_id = c.run_on_scheduler(lambda dask_scheduler: dask_scheduler.tasks["fin-ours"].run_id)
+    view = env.store.read_view(skey)
+    assert view.cursor == 1 and [e for e, _s, _t in view.claims] == [1]
+    assert view.finished is not None and view.epoch_order == run_id >= 0
 
     def loosen(dask_scheduler, keys=("fin-ours", "fin-plain")) -> None:
         for k in keys:
@@ -469,3 +476,117 @@ def test_results_are_scoped_to_the_scheduler_unless_named(tmp_path):
     assert len(CheckpointStore(url).keys("dask/nightly")) == 1
     with pytest.raises(ValueError, match="scope"):
         resumable(_count_run, expire=dt.timedelta(hours=1))
+
+
+# -- a fresh task's claim rides on its first commit; a zombie of an earlier run is ordered ----
+
+
+def _journal(path: str) -> list[list[str]]:
+    try:
+        with open(path) as f:
+            return [line.split() for line in f if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def _gated(journal: str, gates: str, *, stage) -> int:
+    """Two units, each waiting for its gate file (named by this process's pid), so the test
+    decides which run of the task commits first."""
+    from distributed import get_worker
+    from distributed.worker import thread_state
+
+    me = os.getpid()
+    run_id = get_worker().state.tasks[thread_state.key].run_id
+    _append(journal, f"START {me} {run_id}")
+    for unit in (0, 1):
+        gate = os.path.join(gates, f"{me}-{unit}")
+        deadline = time.monotonic() + 120
+        while not os.path.exists(gate):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"gate {gate} never opened")
+            time.sleep(0.01)
+        try:
+            wrote = stage.done(unit, me)
+        except StaleAttemptError:
+            _append(journal, f"STALE {me} {unit}")
+            raise
+        _append(journal, f"DONE {me} {unit} {wrote} {stage.epoch}")
+    return me
+
+
+@pytest.mark.parametrize("first", ["zombie", "rerun"])
+def test_zombie_of_an_earlier_run_is_ordered_below_the_rerun(tmp_path, first):
+    """A fresh task claims with its first commit, and the scheduler's run id decides a race
+    with a zombie. The worker running it is dropped by the scheduler while its task keeps
+    running (as after a partition); the rerun elsewhere starts on the same empty log. If the
+    zombie commits first, the rerun's first commit claims above it (fencing it) and skips its
+    unit; if the rerun commits first, the zombie's first commit is refused. Either way the
+    rerun's result is the task's, every unit is recorded once, and the zombie stops."""
+    url = f"file://{tmp_path}/store"
+    journal, gates = str(tmp_path / "journal"), tmp_path / "gates"
+    gates.mkdir()
+
+    def line(kind: str, pid: int | None = None, *rest: str):
+        for e in _journal(journal):
+            if (
+                e[0] == kind
+                and (pid is None or e[1] == str(pid))
+                and e[2 : 2 + len(rest)] == [*rest]
+            ):
+                return e
+        return None
+
+    def open_gate(pid: int, unit: int) -> None:
+        (gates / f"{pid}-{unit}").touch()
+
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as c,
+    ):
+        fut = c.submit(resumable(_gated, store=url), journal, str(gates), key="gated")
+        start = wait_until(lambda: line("START"), 60, "the first run to start")
+        zombie, zombie_run = int(start[1]), int(start[2])
+        [addr] = [a for a, pid in c.run(os.getpid).items() if pid == zombie]
+
+        async def drop(dask_scheduler, address=addr) -> None:
+            # What a lost heartbeat does, without stopping the process: its task runs on.
+            await dask_scheduler.remove_worker(address, close=False, stimulus_id="test-drop")
+
+        c.run_on_scheduler(drop)
+        rerun_start = wait_until(
+            lambda: next(
+                (e for e in _journal(journal) if e[0] == "START" and e[1] != start[1]), None
+            ),
+            60,
+            "the rerun to start",
+        )
+        rerun, rerun_run = int(rerun_start[1]), int(rerun_start[2])
+        assert rerun_run > zombie_run  # the scheduler numbers runs in the order they start
+        if first == "zombie":
+            open_gate(zombie, 0)
+            wait_until(lambda: line("DONE", zombie, "0", "True", "1"), 60, "the zombie's unit 0")
+            open_gate(rerun, 0)
+            wait_until(lambda: line("DONE", rerun, "0", "False", "2"), 60, "the takeover")
+            open_gate(rerun, 1)
+            assert fut.result(timeout=60) == rerun
+            open_gate(zombie, 1)
+            wait_until(lambda: line("STALE", zombie, "1"), 60, "the zombie to be fenced")
+        else:
+            open_gate(rerun, 0)
+            open_gate(rerun, 1)
+            assert fut.result(timeout=60) == rerun
+            open_gate(zombie, 0)
+            wait_until(lambda: line("STALE", zombie, "0"), 60, "the zombie to be fenced")
+        skey = stage_key("gated", client_scope(c))
+    view = CheckpointStore(url).read_view(skey)
+    units = {r.unit: (r.result, r.epoch) for r in view.units.values()}
+    if first == "zombie":
+        assert units == {0: (zombie, 1), 1: (rerun, 2)}
+        assert [e for e, _s, _t in view.claims] == [1, 2]
+    else:
+        assert units == {0: (rerun, 1), 1: (rerun, 1)}
+        assert [e for e, _s, _t in view.claims] == [1] and view.epoch_order == rerun_run
+    assert view.finished is not None and view.finished.result == {"v": rerun}
+    assert not line("DONE", zombie, "1")  # the zombie wrote nothing after it was fenced

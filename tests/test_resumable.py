@@ -11,6 +11,7 @@ import pytest
 
 from faultkit import CheckpointStore, StaleAttemptError, UnsafeCheckpointError
 from faultkit._codec import INLINE_LIMIT
+from faultkit._log import decode
 from faultkit._resumable import call, call_async, store_for
 
 
@@ -177,6 +178,99 @@ def test_first_try_overtaken_before_its_first_commit_writes_nothing(fstore):
         first.check()
     view = fstore.read_view("lazy/race")
     assert {r.unit: r.result for r in view.units.values()} == {0: "newer"} and not view.snaps
+
+
+def test_ordered_first_try_takes_over_from_an_older_run_that_committed_first(fstore):
+    """Two runs of one task read the same empty log (Dask: a zombie of a lost worker and
+    its rerun, numbered by the scheduler). The older one commits first; the newer one's
+    first commit then claims above it (a claim record, durable), skips what the older
+    finished, and fences it."""
+    older = fstore.stage("ord/a").claim(lazy=True, order=5)
+    newer = fstore.stage("ord/a").claim(lazy=True, order=9)
+    assert older._epoch == newer._epoch == 1 and older._lazy and newer._lazy
+    assert older.done(0, "older")
+    assert not newer.done(0, "newer")  # took over at epoch 2; unit 0 was done already
+    assert newer.epoch == 2 and not newer._lazy
+    assert newer.done(1, "newer")
+    with pytest.raises(StaleAttemptError):
+        older.done(2, "zombie")
+    with pytest.raises(StaleAttemptError):
+        older.save(b"zombie", step=5)
+    newer.finish("ok")
+    view = fstore.read_view("ord/a")
+    assert {r.unit: (r.result, r.epoch) for r in view.units.values()} == {
+        0: ("older", 1),
+        1: ("newer", 2),
+    }
+    assert [e for e, _s, _t in view.claims] == [1, 2] and not view.snaps
+    bodies = [
+        decode(fstore._storage.read(f"ord/a/@log/{n}")) for n in ("000000000001", "000000000002")
+    ]
+    assert (bodies[0]["t"], bodies[0]["o"]) == ("done", 5)  # the older run's claim rode here
+    assert bodies[1]["t"] == "claim" and bodies[1]["e"] == 2 and "o" not in bodies[1]
+
+
+def test_ordered_first_try_of_an_older_run_loses_to_a_newer_first_commit(fstore):
+    """The newer run commits first: the older one's first commit is refused and it writes
+    nothing; the newer keeps epoch 1 with no claim record of its own."""
+    older = fstore.stage("ord/b").claim(lazy=True, order=3)
+    newer = fstore.stage("ord/b").claim(lazy=True, order=4)
+    assert newer.done(0, "newer")
+    with pytest.raises(StaleAttemptError):
+        older.done(0, "older")
+    with pytest.raises(StaleAttemptError):
+        older.finish("older")
+    newer.finish("newer")
+    view = fstore.read_view("ord/b")
+    assert [e for e, _s, _t in view.claims] == [1] and view.finished.result == "newer"
+    assert {r.unit: r.result for r in view.units.values()} == {0: "newer"}
+
+
+@pytest.mark.parametrize("orders", [(7, 7), (None, 8), (8, None)], ids=["same", "none-a", "none-b"])
+def test_ordered_first_try_without_a_known_older_order_is_fenced(fstore, orders):
+    """Equal orders, or a commit that carries none, give no takeover: the later writer is
+    fenced exactly as an unordered lazy claim is."""
+    first = fstore.stage("ord/c").claim(lazy=True, order=orders[0])
+    second = fstore.stage("ord/c").claim(lazy=True, order=orders[1])
+    assert first.done(0, "first")
+    with pytest.raises(StaleAttemptError):
+        second.done(1, "second")
+    assert [e for e, _s, _t in fstore.read_view("ord/c").claims] == [1]
+
+
+def test_ordered_first_try_on_a_log_with_records_claims_at_once(fstore, tmp_path):
+    """An ordered lazy claim is lazy only on an empty log: with an earlier run's records it
+    writes its claim at once, fencing whoever may still be writing."""
+    with fstore.stage("ord/d") as st:
+        st.done(0)
+    before = _records(tmp_path, "ord/d")
+    again = fstore.stage("ord/d").claim(lazy=True, order=10)
+    assert not again._lazy and again._epoch == 2
+    assert len(_records(tmp_path, "ord/d")) == len(before) + 1
+    with pytest.raises(StaleAttemptError):
+        st.done(1)
+
+
+def test_ordered_takeover_fences_the_older_runs_sink(fstore, tmp_path):
+    """The older run wrote a unit through a SqlSink (SQLite) under its lazy claim; the
+    newer one's takeover fences the sink, so the older's next write is refused and the
+    table holds each unit once."""
+    import sqlalchemy as sa
+
+    from faultkit.sinks import SqlSink
+
+    url = f"sqlite:///{tmp_path}/sink.db"
+    sink = SqlSink(url, "rows", lock_wait=5)
+    older = fstore.stage("ord/sink").claim(lazy=True, order=1)
+    newer = fstore.stage("ord/sink").claim(lazy=True, order=2)
+    assert sink.write(older, 0, [{"u": 0, "by": "older"}])
+    assert sink.write(newer, 1, [{"u": 1, "by": "newer"}])
+    assert newer.epoch == 2
+    with pytest.raises(StaleAttemptError):
+        sink.write(older, 2, [{"u": 2, "by": "older"}])
+    with sa.create_engine(url).connect() as conn:
+        rows = sorted(conn.execute(sa.text("SELECT u, by FROM rows")).all())
+    assert rows == [(0, "older"), (1, "newer")]
 
 
 def test_lazy_claim_shows_its_epoch_by_writing_it(fstore):

@@ -13,9 +13,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 __all__ = ["MlflowServer", "MotoS3Server", "PostgresServer", "free_port", "wait_until"]
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -25,14 +27,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(
-    cond: Callable[[], object], timeout: float, what: str, interval: float = 0.05
-) -> None:
-    """Poll ``cond`` until truthy; after ``timeout`` s raise ``TimeoutError`` naming ``what``."""
+def wait_until(cond: Callable[[], T], timeout: float, what: str, interval: float = 0.05) -> T:
+    """Poll ``cond`` until truthy and return what it returned; after ``timeout`` s raise
+    ``TimeoutError`` naming ``what``."""
     deadline = time.monotonic() + timeout
     while True:
-        if cond():
-            return
+        got = cond()
+        if got:
+            return got
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
