@@ -317,12 +317,14 @@ def resumable(
     (``dask/<scope>/<task key>``). The scope defaults to the scheduler's lifetime (its id):
     the same graph computed again on a new cluster runs afresh, while on the same scheduler
     a task rerun after its worker died resumes. Name a wider scope to reuse finished results
-    across schedulers, for at most ``expire``. When the
-    worker dies the scheduler reruns the task elsewhere; the rerun claims the stage (fencing
-    the lost attempt) and skips the units already done. A task that had finished before its
-    worker died (its result lost with the worker's memory) returns its recorded result without
-    running ``fn`` again. Works with ``client.submit``, ``client.map``, ``dask.delayed`` and
-    annotations.
+    across schedulers, for at most ``expire``. When the worker dies the scheduler reruns
+    the task elsewhere; the rerun claims the stage (fencing the lost attempt) and skips the
+    units already done. A run that finds the stage empty claims with its first commit,
+    ordered by the scheduler's run id: if the lost worker is still running (a zombie) and
+    commits first, the rerun claims above it at that point. A task that had finished before
+    its worker died (its result lost with the worker's memory) returns its recorded result
+    without running ``fn`` again. Works with ``client.submit``, ``client.map``,
+    ``dask.delayed`` and annotations.
 
     With ``retry=policy`` the task retries itself, on the worker, however it was submitted:
     an exception that ``policy`` retries (``on=``) starts a new attempt after the policy's
