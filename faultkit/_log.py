@@ -284,6 +284,7 @@ class View:
             "last_commit": self.last_commit,
             "finished": [fin.result, fin.epoch, fin.seq, fin.ts] if fin else None,
             "deleted": self.deleted,
+            "o": self.epoch_order,
         }
         return json.dumps(state, separators=(",", ":")).encode()
 
@@ -318,6 +319,7 @@ class View:
         self.epoch, self.claims, self.units, self.snaps = epoch, claims, units, snaps
         self.sinks, self.ignored, self.finished = sinks, ignored, finished
         self.last_commit, self.deleted, self.dropped = last_commit, deleted, set()
+        self.epoch_order = _order(st)
 
     def live_snaps(self) -> list[SnapRecord]:
         """Snapshots not removed by gc, oldest first."""
