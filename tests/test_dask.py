@@ -28,7 +28,7 @@ from faultkit import CheckpointStore, RetryPolicy, StaleAttemptError, chaos
 from faultkit.demo import check_sink, etl_partition
 from faultkit.demo._dask import run_etl_on_dask, run_train_on_dask
 from faultkit.demo._jobs import journal_count, table_digest
-from faultkit.testing import AlertReceiver, kill_worker_running, wait_until
+from faultkit.testing import AlertReceiver, journal_lines, kill_worker_running, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -481,14 +481,6 @@ def test_results_are_scoped_to_the_scheduler_unless_named(tmp_path):
 # -- a fresh task's claim rides on its first commit; a zombie of an earlier run is ordered ----
 
 
-def _journal(path: str) -> list[list[str]]:
-    try:
-        with open(path) as f:
-            return [line.split() for line in f if line.strip()]
-    except FileNotFoundError:
-        return []
-
-
 def _gated(journal: str, gates: str, *, stage) -> int:
     """Two units, each waiting for its gate file (named by this process's pid), so the test
     decides which run of the task commits first."""
@@ -527,7 +519,7 @@ def test_zombie_of_an_earlier_run_is_ordered_below_the_rerun(tmp_path, first):
     gates.mkdir()
 
     def line(kind: str, pid: int | None = None, *rest: str):
-        for e in _journal(journal):
+        for e in journal_lines(journal):
             if (
                 e[0] == kind
                 and (pid is None or e[1] == str(pid))
@@ -557,7 +549,7 @@ def test_zombie_of_an_earlier_run_is_ordered_below_the_rerun(tmp_path, first):
         c.run_on_scheduler(drop)
         rerun_start = wait_until(
             lambda: next(
-                (e for e in _journal(journal) if e[0] == "START" and e[1] != start[1]), None
+                (e for e in journal_lines(journal) if e[0] == "START" and e[1] != start[1]), None
             ),
             60,
             "the rerun to start",

@@ -19,7 +19,14 @@ from collections.abc import Callable
 from typing import Any
 
 from .._events import Event
-from ..testing import AlertReceiver, Network, SeaweedS3Server, netns_unavailable, wait_until
+from ..testing import (
+    AlertReceiver,
+    Network,
+    SeaweedS3Server,
+    journal_lines,
+    netns_unavailable,
+    wait_until,
+)
 from ._dask import run_etl_on_dask, run_train_on_dask
 from ._jobs import journal_count
 from ._model import DemoConfig, StageOutcome
@@ -62,20 +69,12 @@ def prepare(cfg: DemoConfig) -> None:
     cfg.kills = 1
 
 
-def _journal(path: str) -> list[list[str]]:
-    try:
-        with open(path) as f:
-            return [ln.split() for ln in f if ln.strip()]
-    except FileNotFoundError:
-        return []
-
-
 def _attempt_bars(path: str, stage: str, t0: float) -> list[dict[str, Any]]:
     """Timeline bars from a journal's ``attempt``/``end``/``fenced`` lines (see
     ``faultkit.demo._dask._attempt``)."""
     open_: dict[tuple[str, str], dict[str, Any]] = {}
     bars = []
-    for ln in _journal(path):
+    for ln in journal_lines(path):
         if ln[0] not in ("attempt", "end", "fenced") or len(ln) < 5:
             continue
         what, epoch, host, t = ln[1], ln[2], ln[3], float(ln[4]) - t0

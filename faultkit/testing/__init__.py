@@ -14,7 +14,14 @@ from typing import Any
 from ._netns import Host, Network, netns_unavailable
 from ._receiver import AlertReceiver
 from ._seaweed import SeaweedS3Server
-from ._services import MlflowServer, MotoS3Server, PostgresServer, free_port, wait_until
+from ._services import (
+    MlflowServer,
+    MotoS3Server,
+    PostgresServer,
+    free_port,
+    journal_lines,
+    wait_until,
+)
 
 __all__ = [
     "AirflowEnv",
@@ -29,6 +36,7 @@ __all__ = [
     "airflow_env",
     "flows_dir",
     "free_port",
+    "journal_lines",
     "kill_task_process",
     "kill_worker_running",
     "local_airflow",

@@ -15,7 +15,14 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["MlflowServer", "MotoS3Server", "PostgresServer", "free_port", "wait_until"]
+__all__ = [
+    "MlflowServer",
+    "MotoS3Server",
+    "PostgresServer",
+    "free_port",
+    "journal_lines",
+    "wait_until",
+]
 
 T = TypeVar("T")
 
@@ -38,6 +45,16 @@ def wait_until(cond: Callable[[], T], timeout: float, what: str, interval: float
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
         time.sleep(interval)
+
+
+def journal_lines(path: str | os.PathLike[str]) -> list[list[str]]:
+    """The lines of a journal file that processes append to (``START pid ...``), each split
+    on whitespace; [] while the file does not exist."""
+    try:
+        with open(path) as f:
+            return [ln.split() for ln in f if ln.strip()]
+    except FileNotFoundError:
+        return []
 
 
 def _port_open(port: int, ip: str = "127.0.0.1") -> bool:
