@@ -420,8 +420,14 @@ class Stage:
             if fenced and self._older_got_there_first(v):
                 # This attempt is the newer one: claim for real above the older attempt
                 # (fencing it and its sinks), then commit under the new epoch.
+                before = self._epoch, self._lazy, self._order
                 self._epoch, self._lazy, self._order = 0, False, None
-                wait = self._claim_now()
+                try:
+                    wait = self._claim_now()
+                except BaseException:
+                    if not self._epoch:  # no claim was written: still the lazy attempt
+                        self._epoch, self._lazy, self._order = before
+                    raise
                 if wait:
                     time.sleep(wait)
                 if kind == "claim":

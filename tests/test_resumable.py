@@ -273,6 +273,37 @@ def test_ordered_takeover_fences_the_older_runs_sink(fstore, tmp_path):
     assert rows == [(0, "older"), (1, "newer")]
 
 
+def test_takeover_that_cannot_fence_leaves_the_attempt_as_it_was(fstore, tmp_path):
+    """The newer run's takeover must fence the older run's sink first; while another
+    connection holds the SQLite database's write lock it fails with SinkBusyError, writes no
+    claim, and the attempt stays as it was, so the same write succeeds once the lock is
+    free."""
+    import sqlite3
+
+    from faultkit import SinkBusyError
+    from faultkit.sinks import SqlSink
+
+    url = f"sqlite:///{tmp_path}/sink.db"
+    sink = SqlSink(url, "rows", lock_wait=0.5)
+    older = fstore.stage("ord/busy").claim(lazy=True, order=1)
+    newer = fstore.stage("ord/busy").claim(lazy=True, order=2)
+    assert sink.write(older, 0, [{"u": 0}])
+    holder = sqlite3.connect(tmp_path / "sink.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(SinkBusyError):
+            sink.write(newer, 1, [{"u": 1}])
+        assert newer._lazy and newer._epoch == 1
+        assert [e for e, _s, _t in fstore.read_view("ord/busy").claims] == [1]
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert sink.write(newer, 1, [{"u": 1}])
+    assert newer.epoch == 2
+    with pytest.raises(StaleAttemptError):
+        sink.write(older, 2, [{"u": 2}])
+
+
 def test_lazy_claim_shows_its_epoch_by_writing_it(fstore):
     """Reading .epoch writes the claim, so other processes can attach to the epoch."""
     st = fstore.stage("lazy/attach").claim(lazy=True)
