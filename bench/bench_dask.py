@@ -28,6 +28,7 @@ from typing import Any
 
 from bench import records_by_hand
 from dask_plugins import resumable
+from faultkit.testing import journal_lines, wait_until
 
 
 def tiny(x: int, tag: str) -> int:
@@ -60,22 +61,7 @@ def spin_r(path: str, stop: str, *, stage: Any) -> int:
 
 
 def _starts(path: str) -> list[tuple[float, int]]:
-    try:
-        with open(path) as f:
-            return [(float(t), int(p)) for t, p in (line.split() for line in f if line.strip())]
-    except FileNotFoundError:
-        return []
-
-
-def _wait(cond: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"bench: timed out waiting for {what}")
-        time.sleep(0.005)
+    return [(float(t), int(p)) for t, p in journal_lines(path)]
 
 
 def _overhead(client: Any, n: int, rounds: int, tmp: str) -> dict[str, list[float]]:
@@ -122,11 +108,11 @@ def _reschedule(client: Any, fn: Any, tmp: str, tries: int) -> list[float]:
         tag = uuid.uuid4().hex[:8]
         path, stop = f"{tmp}/starts-{tag}", f"{tmp}/stop-{tag}"
         fut = client.submit(fn, path, stop, key=f"spin-{tag}")
-        first = _wait(lambda path=path: _starts(path), 60, "the task to start")
+        first = wait_until(lambda path=path: _starts(path), 60, "the task to start", 0.005)
         pid = first[0][1]
         t_kill = time.time()
         os.kill(pid, signal.SIGKILL)
-        again = _wait(lambda path=path: _starts(path)[1:], 60, "the task to run again")
+        again = wait_until(lambda path=path: _starts(path)[1:], 60, "the task to run again", 0.005)
         out.append(again[0][0] - t_kill)
         open(stop, "w").close()
         fut.result(timeout=60)

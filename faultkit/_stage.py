@@ -225,9 +225,11 @@ class Stage:
         (its ``head-`` hint; a hint is only a shortcut: the record it names is checked);
         None when the log's folder surely does not exist (a link raises)."""
         st, folder = self._storage, self._dir
-        names = st.list_or_missing(folder) if st.cheap_list else None
-        if names is None and st.cheap_list:
-            return None
+        names = None
+        if st.cheap_list:
+            names = st.list_or_missing(folder)
+            if names is None:
+                return None
         after = cursor
         if not self._bad_bases:  # a summary failed: read the whole history instead
             heads = (

@@ -42,6 +42,15 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
+def _mkdir(fd: int, name: str) -> bool:
+    """Make folder ``name`` under ``fd``; False if something by that name exists already."""
+    try:
+        os.mkdir(name, 0o755, dir_fd=fd)
+    except FileExistsError:
+        return False
+    return True
+
+
 def _split(path: str) -> tuple[str, str]:
     folder, _, name = check_rel(path).rpartition("/")
     return folder, name
@@ -157,25 +166,14 @@ class _Dirs:
         link; ``(descriptor, whether this call made it)``. ``new`` (the folder above was
         just made) tries to make it before looking (one call fewer; an existing one, made by
         a racing writer, is opened all the same)."""
-        made = False
+        made = create and new and _mkdir(fd, name)
         for _ in range(16):  # a folder removed by another process right after we made it
-            if create and new:
-                try:
-                    os.mkdir(name, 0o755, dir_fd=fd)
-                    made = True
-                except FileExistsError:
-                    pass
-                new = False
             try:
                 return os.open(name, _DIR, dir_fd=fd), made
             except FileNotFoundError:
                 if not create:
                     raise
-                try:
-                    os.mkdir(name, 0o755, dir_fd=fd)
-                    made = True
-                except FileExistsError:
-                    made = False
+                made = _mkdir(fd, name)
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.ENOTDIR):
                     raise LinkRefusedError(path) from exc
@@ -436,9 +434,10 @@ class LocalStorage(Storage):
         finally:
             os.close(fd)
 
-    def _scan(self, folder: str) -> list[os.DirEntry[str]]:
+    def _entries(self, folder: str) -> list[os.DirEntry[str]]:
         """The entries of ``folder`` through a private descriptor (a shared one would share
-        its read offset with other threads); [] when it is missing."""
+        its read offset with other threads); ``FileNotFoundError`` when it is missing,
+        :class:`LinkRefusedError` when it or a folder above it is a link."""
 
         def op(dfd: int) -> list[os.DirEntry[str]]:
             own = os.open(".", _DIR, dir_fd=dfd)
@@ -448,8 +447,12 @@ class LocalStorage(Storage):
             finally:
                 os.close(own)
 
+        return self._in(folder, False, op)
+
+    def _scan(self, folder: str) -> list[os.DirEntry[str]]:
+        """:meth:`_entries`, [] when the folder is missing or is a link."""
         try:
-            return self._in(folder, False, op)
+            return self._entries(folder)
         except (FileNotFoundError, NotADirectoryError, LinkRefusedError):
             return []
 
@@ -459,15 +462,8 @@ class LocalStorage(Storage):
         return sorted(e.name for e in self._scan(path))
 
     def list_or_missing(self, path: str) -> list[str] | None:
-        def op(dfd: int) -> list[str]:
-            own = os.open(".", _DIR, dir_fd=dfd)
-            try:
-                return sorted(os.listdir(own))
-            finally:
-                os.close(own)
-
         try:
-            return self._in(check_rel(path), False, op)
+            return sorted(e.name for e in self._entries(check_rel(path)))
         except FileNotFoundError:
             return None
 

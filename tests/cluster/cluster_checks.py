@@ -7,13 +7,14 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from faultkit.testing import journal_lines
+
 SCRIPTS = Path(__file__).parent / "scripts"
 
 
 def read_events(path: Path) -> list[list[str]]:
     """The events file's lines, split (``START host ...``, ``UNIT ...``, ``STALE ...``)."""
-    text = path.read_text() if path.exists() else ""
-    return [ln.split() for ln in text.splitlines() if ln.strip()]
+    return journal_lines(path)
 
 
 @contextlib.contextmanager
