@@ -113,7 +113,10 @@ def hit(name: str) -> None:
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "stop":
-        os.kill(os.getpid(), signal.SIGSTOP)
+        # At this instruction: sent to this thread, the stop takes it before its next
+        # instruction. Sent to the process, any thread may take it, and this one runs on
+        # (seen: a record linked into place) until the stop reaches it.
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
         return
     elif action == "exit":
         os._exit(75)
