@@ -21,8 +21,8 @@ from dask_plugins import (
     resumable,
     stage_key,
 )
-from faultkit import CheckpointStore
-from faultkit.testing import free_port, kill_worker_running, wait_until
+from faultkit import CheckpointStore, StaleAttemptError
+from faultkit.testing import free_port, journal_lines, kill_worker_running, wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -83,7 +83,7 @@ def _report(client: Client) -> dict:
     )
 
 
-def _start(args: list[str], log) -> subprocess.Popen:
+def _start(args: list[str], log, **env: str) -> subprocess.Popen:
     # Workers unpickle this module's task functions by reference: let them import it.
     here = os.path.dirname(os.path.abspath(__file__))
     path = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
@@ -92,7 +92,7 @@ def _start(args: list[str], log) -> subprocess.Popen:
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
-        env={**os.environ, "PYTHONPATH": path},
+        env={**os.environ, "PYTHONPATH": path, **env},
     )
 
 
@@ -234,6 +234,84 @@ def test_sigterm_to_dask_worker_cli_flushes_under_the_nanny(tmp_path):
             # The rerun, on a fresh worker, starts from the emergency checkpoint.
             procs.append(_start(["worker", addr, "--nthreads", "1", "--no-dashboard"], log))
             assert fut.result(timeout=120) == {"resumed_from": {"step": 5}, "epoch": 2}
+    finally:
+        _stop(procs)
+        log.close()
+
+
+def _two_units(journal: str, *, stage) -> int:
+    """Commits units 0 and 1, noting each outcome (and a refusal) in ``journal``."""
+    from distributed import get_worker
+    from distributed.worker import thread_state
+
+    me = os.getpid()
+    _append(journal, f"START {me} {get_worker().state.tasks[thread_state.key].run_id}")
+    for unit in (0, 1):
+        try:
+            wrote = stage.done(unit, me)
+        except StaleAttemptError:
+            _append(journal, f"STALE {me} {unit}")
+            raise
+        _append(journal, f"DONE {me} {unit} {wrote} {stage.epoch}")
+    return me
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0]
+
+
+@pytest.mark.parametrize("commit", [1, 2], ids=["first-commit", "second-commit"])
+def test_worker_paused_mid_commit_is_fenced_by_the_rerun(tmp_path, commit):
+    """A real `dask worker` (no Nanny, so nothing kills it) is paused with SIGSTOP at the
+    worst instruction of a commit: its record written and fsync'd, not yet linked into the
+    log, its fencing check passed. The scheduler stops hearing from it, drops it, and runs
+    the task again on another worker, which finishes. Then the paused worker goes on: its
+    record must not land. Paused in its first commit (which carries its claim: the log was
+    empty) or its second (unit 0 is in the log under its claim)."""
+    port = free_port()
+    url = f"file://{tmp_path}/store"
+    addr = f"tcp://127.0.0.1:{port}"
+    journal = str(tmp_path / "journal")
+    log = open(tmp_path / "cluster.log", "wb")
+    worker = ["worker", addr, "--nthreads", "1", "--no-dashboard", "--no-nanny"]
+    # Heartbeats every 0.5 s; a worker silent for 5 s is dropped (checked every 1 s).
+    ttl = {"DASK_DISTRIBUTED__SCHEDULER__WORKER_TTL": "1s"}
+    sched = ["scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"]
+    procs = [_start(sched, log, **ttl)]
+    try:
+        zombie = _start(worker, log, FAULTKIT_FAILPOINTS=f"storage.tmp_written=stop@{commit}")
+        procs.append(zombie)
+        with Client(addr, timeout=60) as client:
+            client.wait_for_workers(1, timeout=120)
+            fut = client.submit(resumable(_two_units, store=url), journal, key="paused")
+            wait_until(lambda: _state(zombie.pid) == "T", 60, "the worker to pause mid-commit")
+            procs.append(_start(worker, log))
+            rerun = fut.result(timeout=120)
+            assert rerun != zombie.pid
+            assert _state(zombie.pid) == "T"  # it was still paused when the rerun finished
+            os.kill(zombie.pid, signal.SIGCONT)
+            wait_until(
+                lambda: ["STALE", str(zombie.pid), str(commit - 1)] in journal_lines(journal),
+                60,
+                "the resumed worker to be refused",
+            )
+            skey = stage_key("paused", client_scope(client))
+        starts = {int(e[1]): int(e[2]) for e in journal_lines(journal) if e[0] == "START"}
+        assert starts[rerun] > starts[zombie.pid]
+        view = CheckpointStore(url).read_view(skey)
+        assert not view.damaged
+        units = {r.unit: (r.result, r.epoch) for r in view.units.values()}
+        if commit == 1:  # the rerun found an empty log: its first commit claimed epoch 1
+            assert units == {0: (rerun, 1), 1: (rerun, 1)}
+            assert view.epoch_order == starts[rerun]
+        else:  # the rerun claimed above the paused worker's unit 0 and skipped it
+            assert units == {0: (zombie.pid, 1), 1: (rerun, 2)}
+            assert [e for e, _s, _t in view.claims] == [1, 2]
+        assert view.finished is not None and view.finished.result == {"v": rerun}
+        assert ["DONE", str(zombie.pid), str(commit - 1)] not in [
+            e[:3] for e in journal_lines(journal)
+        ]
     finally:
         _stop(procs)
         log.close()
