@@ -24,11 +24,17 @@ from dask_plugins import (
     resumable,
     stage_key,
 )
-from faultkit import CheckpointStore, RetryPolicy, StaleAttemptError, chaos
+from faultkit import CheckpointStore, RetryPolicy, chaos
 from faultkit.demo import check_sink, etl_partition
 from faultkit.demo._dask import run_etl_on_dask, run_train_on_dask
 from faultkit.demo._jobs import journal_count, table_digest
-from faultkit.testing import AlertReceiver, journal_lines, kill_worker_running, wait_until
+from faultkit.testing import (
+    AlertReceiver,
+    journal_lines,
+    journaled_done,
+    kill_worker_running,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -497,12 +503,7 @@ def _gated(journal: str, gates: str, *, stage) -> int:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"gate {gate} never opened")
             time.sleep(0.01)
-        try:
-            wrote = stage.done(unit, me)
-        except StaleAttemptError:
-            _append(journal, f"STALE {me} {unit}")
-            raise
-        _append(journal, f"DONE {me} {unit} {wrote} {stage.epoch}")
+        journaled_done(journal, stage, unit, me)
     return me
 
 

@@ -21,8 +21,14 @@ from dask_plugins import (
     resumable,
     stage_key,
 )
-from faultkit import CheckpointStore, StaleAttemptError
-from faultkit.testing import free_port, journal_lines, kill_worker_running, wait_until
+from faultkit import CheckpointStore
+from faultkit.testing import (
+    free_port,
+    journal_lines,
+    journaled_done,
+    kill_worker_running,
+    wait_until,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -247,12 +253,7 @@ def _two_units(journal: str, *, stage) -> int:
     me = os.getpid()
     _append(journal, f"START {me} {get_worker().state.tasks[thread_state.key].run_id}")
     for unit in (0, 1):
-        try:
-            wrote = stage.done(unit, me)
-        except StaleAttemptError:
-            _append(journal, f"STALE {me} {unit}")
-            raise
-        _append(journal, f"DONE {me} {unit} {wrote} {stage.epoch}")
+        journaled_done(journal, stage, unit, me)
     return me
 
 

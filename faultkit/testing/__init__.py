@@ -20,6 +20,7 @@ from ._services import (
     PostgresServer,
     free_port,
     journal_lines,
+    journaled_done,
     wait_until,
 )
 
@@ -37,6 +38,7 @@ __all__ = [
     "flows_dir",
     "free_port",
     "journal_lines",
+    "journaled_done",
     "kill_task_process",
     "kill_worker_running",
     "local_airflow",

@@ -21,6 +21,7 @@ __all__ = [
     "PostgresServer",
     "free_port",
     "journal_lines",
+    "journaled_done",
     "wait_until",
 ]
 
@@ -55,6 +56,25 @@ def journal_lines(path: str | os.PathLike[str]) -> list[list[str]]:
             return [ln.split() for ln in f if ln.strip()]
     except FileNotFoundError:
         return []
+
+
+def journaled_done(journal: str | os.PathLike[str], stage: Any, unit: Any, result: Any) -> bool:
+    """``stage.done(unit, result)``, noting the outcome in ``journal`` as
+    ``DONE <pid> <unit> <written> <epoch>``, or ``STALE <pid> <unit>`` before the refusal
+    is raised: what a test process tells its test about each commit."""
+    from faultkit import StaleAttemptError
+
+    def note(line: str) -> None:
+        with open(journal, "a") as f:
+            f.write(line + "\n")
+
+    try:
+        wrote = stage.done(unit, result)
+    except StaleAttemptError:
+        note(f"STALE {os.getpid()} {unit}")
+        raise
+    note(f"DONE {os.getpid()} {unit} {wrote} {stage.epoch}")
+    return wrote
 
 
 def _port_open(port: int, ip: str = "127.0.0.1") -> bool:
