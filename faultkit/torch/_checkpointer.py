@@ -557,7 +557,9 @@ class TrainingCheckpointer:
         if not samplers:
             return
         for obj in gc.get_objects():
-            if not isinstance(obj, DataLoader) or obj.generator is not None:
+            # type(), not isinstance(): isinstance also asks a non-match for its __class__,
+            # which runs code in proxies (torch's deprecated reduce_op warns when asked).
+            if not issubclass(type(obj), DataLoader) or obj.generator is not None:
                 continue
             inner = obj.sampler
             if isinstance(obj.batch_sampler, BatchSampler):
