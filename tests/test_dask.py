@@ -30,6 +30,7 @@ from faultkit.demo._dask import run_etl_on_dask, run_train_on_dask
 from faultkit.demo._jobs import journal_count, table_digest
 from faultkit.testing import (
     AlertReceiver,
+    journal_append,
     journal_lines,
     journaled_done,
     kill_worker_running,
@@ -59,14 +60,6 @@ def _report(client: Client) -> dict:
     return client.run_on_scheduler(
         lambda dask_scheduler: dask_scheduler.plugins[WorkerLossPlugin.name].report()
     )
-
-
-def _append(path: str, line: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, (line + "\n").encode())
-    finally:
-        os.close(fd)
 
 
 def _lines(path: str) -> int:
@@ -229,7 +222,7 @@ def test_training_worker_killed_weights_bitwise_equal(ready):
 
 
 def _side_effect(path: str, value: int, *, stage=None) -> dict:
-    _append(path, f"run {value}")
+    journal_append(path, f"run {value}")
     return {"value": value * 2}
 
 
@@ -319,7 +312,7 @@ def _counting(n: int, journal: str, *, stage) -> dict:
     )
     for i in range(start, n):
         time.sleep(0.05)
-        _append(journal, f"step {i}")
+        journal_append(journal, f"step {i}")
         state["next"] = i + 1
     return {"start": start, "epoch": stage.epoch}
 
@@ -369,7 +362,7 @@ def test_map_delayed_and_retry_policy(ready):
 
 
 def _fails_first(path: str, fails: int, exc_type: str, x: int, *, stage) -> dict:
-    _append(path, f"epoch {stage.epoch}")
+    journal_append(path, f"epoch {stage.epoch}")
     if _lines(path) <= fails:
         raise {"ConnectionError": ConnectionError, "ValueError": ValueError}[exc_type](path)
     return {"x": x, "epoch": stage.epoch}
@@ -457,7 +450,7 @@ def test_resumable_outside_a_worker_says_what_to_do():
 
 
 def _count_run(path: str, x: int, *, stage) -> int:
-    _append(path, f"ran {x}")
+    journal_append(path, f"ran {x}")
     stage.done(0)
     return x * 2
 
@@ -495,7 +488,7 @@ def _gated(journal: str, gates: str, *, stage) -> int:
 
     me = os.getpid()
     run_id = get_worker().state.tasks[thread_state.key].run_id
-    _append(journal, f"START {me} {run_id}")
+    journal_append(journal, f"START {me} {run_id}")
     for unit in (0, 1):
         gate = os.path.join(gates, f"{me}-{unit}")
         deadline = time.monotonic() + 120

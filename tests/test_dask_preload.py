@@ -24,9 +24,11 @@ from dask_plugins import (
 from faultkit import CheckpointStore
 from faultkit.testing import (
     free_port,
+    journal_append,
     journal_lines,
     journaled_done,
     kill_worker_running,
+    process_state,
     wait_until,
 )
 
@@ -40,11 +42,6 @@ def _steps(n: int, *, stage) -> dict:
         time.sleep(0.1)
         stage.done(u)
     return {"epoch": stage.epoch}
-
-
-def _append(path: str, line: str) -> None:
-    with open(path, "a") as f:
-        f.write(line + "\n")
 
 
 def _lines(path: str) -> list[str]:
@@ -64,23 +61,19 @@ def _flush_then_block(marker: str, *, stage) -> dict:
 
     def flush() -> None:
         stage.save(json.dumps(state).encode(), step=state["step"], meta={"sigterm": 1})
-        _append(marker, f"flushed {state['step']}")
+        journal_append(marker, f"flushed {state['step']}")
 
     register_flush(flush)
     for i in range(1, 6):
         state["step"] = i
-    _append(marker, "running")
+    journal_append(marker, "running")
     time.sleep(600)  # only the worker's end stops this attempt
     return {}
 
 
 def _alive(pid: int) -> bool:
     """True while ``pid`` runs (a zombie nobody reaps counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    return process_state(pid) not in ("", "Z")
 
 
 def _report(client: Client) -> dict:
@@ -251,15 +244,10 @@ def _two_units(journal: str, *, stage) -> int:
     from distributed.worker import thread_state
 
     me = os.getpid()
-    _append(journal, f"START {me} {get_worker().state.tasks[thread_state.key].run_id}")
+    journal_append(journal, f"START {me} {get_worker().state.tasks[thread_state.key].run_id}")
     for unit in (0, 1):
         journaled_done(journal, stage, unit, me)
     return me
-
-
-def _state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rpartition(")")[2].split()[0]
 
 
 @pytest.mark.parametrize("commit", [1, 2], ids=["first-commit", "second-commit"])
@@ -286,11 +274,13 @@ def test_worker_paused_mid_commit_is_fenced_by_the_rerun(tmp_path, commit):
         with Client(addr, timeout=60) as client:
             client.wait_for_workers(1, timeout=120)
             fut = client.submit(resumable(_two_units, store=url), journal, key="paused")
-            wait_until(lambda: _state(zombie.pid) == "T", 60, "the worker to pause mid-commit")
+            wait_until(
+                lambda: process_state(zombie.pid) == "T", 60, "the worker to pause mid-commit"
+            )
             procs.append(_start(worker, log))
             rerun = fut.result(timeout=120)
             assert rerun != zombie.pid
-            assert _state(zombie.pid) == "T"  # it was still paused when the rerun finished
+            assert process_state(zombie.pid) == "T"  # it was still paused when the rerun finished
             os.kill(zombie.pid, signal.SIGCONT)
             wait_until(
                 lambda: ["STALE", str(zombie.pid), str(commit - 1)] in journal_lines(journal),

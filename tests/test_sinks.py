@@ -23,7 +23,7 @@ from faultkit import (
 )
 from faultkit.demo import check_sink, etl_partition
 from faultkit.sinks import FileSink, SinkBusyError, SinkInputError, SqlSink
-from faultkit.testing import wait_until
+from faultkit.testing import process_state, wait_until
 
 CHILD = os.path.join(os.path.dirname(__file__), "scripts", "sink_child.py")
 KEY = "etl/p0"
@@ -60,16 +60,9 @@ class Child:
             self.proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=err)
         self.pid = self.proc.pid
 
-    def state(self) -> str:
-        try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0]
-        except FileNotFoundError:
-            return "gone"
-
     def wait_stopped(self, what: str) -> None:
-        wait_until(lambda: self.state() in ("T", "Z", "gone"), 60, what)
-        assert self.state() == "T", f"{what}: the child exited instead\n{self.stderr()}"
+        wait_until(lambda: process_state(self.pid) in ("T", "Z", ""), 60, what)
+        assert process_state(self.pid) == "T", f"{what}: the child exited instead\n{self.stderr()}"
 
     def stderr(self) -> str:
         return self.err.read_text()[-3000:]
@@ -242,7 +235,9 @@ def test_sqlite_zombie_resumed_during_claim_commits_before_it(tmp_path):
         wait_until(lambda: b.opened(db), 60, "the newer claim waiting for the SQLite lock")
         os.kill(a.pid, signal.SIGCONT)
         wait_until(
-            lambda: "i:2" in _ledger(url) and a.state() == "T", 60, "the zombie's commit of unit 2"
+            lambda: "i:2" in _ledger(url) and process_state(a.pid) == "T",
+            60,
+            "the zombie's commit of unit 2",
         )
         rb = b.finish()
         assert b.proc.returncode == 0, b.stderr()

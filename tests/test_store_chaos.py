@@ -16,7 +16,7 @@ import uuid
 import pytest
 
 from faultkit import CheckpointStore, CheckpointWriteError
-from faultkit.testing import wait_until
+from faultkit.testing import process_state, wait_until
 
 CHILD = os.path.join(os.path.dirname(__file__), "scripts", "store_child.py")
 sys.path.insert(0, os.path.dirname(CHILD))
@@ -198,7 +198,7 @@ def test_zombie_paused_then_fenced(backend, tmp_path, lazy):
     wait_until(lambda: os.path.exists(out_a + ".ready") or a.poll() is not None, 60, "A ready")
     os.kill(a.pid, signal.SIGSTOP)
     try:
-        wait_until(lambda: _proc_state(a.pid) == "T", 10, "A stopped")
+        wait_until(lambda: process_state(a.pid) == "T", 10, "A stopped")
         b = _spawn(
             backend,
             "work",
@@ -228,11 +228,6 @@ def test_zombie_paused_then_fenced(backend, tmp_path, lazy):
         assert [e for e, _, _ in st._view.claims] == list(range(1, newer + 2))
         units = st._view.units.values()
         assert {r.epoch for r in units} == ({1} if lazy == 0 else {1, 2})
-
-
-def _proc_state(pid: int) -> str:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
 
 
 @pytest.mark.parametrize("procs,units", [pytest.param(8, 300, id="8x300")])

@@ -19,8 +19,10 @@ from ._services import (
     MotoS3Server,
     PostgresServer,
     free_port,
+    journal_append,
     journal_lines,
     journaled_done,
+    process_state,
     wait_until,
 )
 
@@ -37,12 +39,14 @@ __all__ = [
     "airflow_env",
     "flows_dir",
     "free_port",
+    "journal_append",
     "journal_lines",
     "journaled_done",
     "kill_task_process",
     "kill_worker_running",
     "local_airflow",
     "netns_unavailable",
+    "process_state",
     "units_done",
     "wait_until",
 ]

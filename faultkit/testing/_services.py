@@ -20,8 +20,10 @@ __all__ = [
     "MotoS3Server",
     "PostgresServer",
     "free_port",
+    "journal_append",
     "journal_lines",
     "journaled_done",
+    "process_state",
     "wait_until",
 ]
 
@@ -58,23 +60,39 @@ def journal_lines(path: str | os.PathLike[str]) -> list[list[str]]:
         return []
 
 
+def journal_append(path: str | os.PathLike[str], line: str) -> None:
+    """Append ``line`` to a journal file in one ``O_APPEND`` write, so lines that processes
+    append at once never interleave."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
 def journaled_done(journal: str | os.PathLike[str], stage: Any, unit: Any, result: Any) -> bool:
     """``stage.done(unit, result)``, noting the outcome in ``journal`` as
     ``DONE <pid> <unit> <written> <epoch>``, or ``STALE <pid> <unit>`` before the refusal
     is raised: what a test process tells its test about each commit."""
     from faultkit import StaleAttemptError
 
-    def note(line: str) -> None:
-        with open(journal, "a") as f:
-            f.write(line + "\n")
-
     try:
         wrote = stage.done(unit, result)
     except StaleAttemptError:
-        note(f"STALE {os.getpid()} {unit}")
+        journal_append(journal, f"STALE {os.getpid()} {unit}")
         raise
-    note(f"DONE {os.getpid()} {unit} {wrote} {stage.epoch}")
+    journal_append(journal, f"DONE {os.getpid()} {unit} {wrote} {stage.epoch}")
     return wrote
+
+
+def process_state(pid: int | str) -> str:
+    """The state letter of process ``pid`` in ``/proc`` (``R``, ``S``, ``D``, ``T`` stopped,
+    ``Z`` exited but not reaped), or "" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0]
+    except FileNotFoundError:
+        return ""
 
 
 def _port_open(port: int, ip: str = "127.0.0.1") -> bool:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from faultkit.testing import wait_until
+from faultkit.testing import process_state, wait_until
 from faultkit.testing._netns import _ip, sweep_stale
 
 OWNER = """
@@ -46,12 +46,4 @@ def test_namespaces_of_a_killed_run_are_swept(netns_reason):
     assert set(gone) >= {f"{prefix}-a", f"{prefix}-sw"}
     assert not _namespaces(prefix + "-")
     for pid in left:  # dead: gone, or a zombie waiting for init to reap it
-        wait_until(lambda pid=pid: _state(pid) in ("", "Z"), 10, f"process {pid} to die")
-
-
-def _state(pid: str) -> str:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return ""
+        wait_until(lambda pid=pid: process_state(pid) in ("", "Z"), 10, f"process {pid} to die")
