@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import collections
+import hashlib
 import io
 import json
 import os
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import uuid
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -240,6 +242,29 @@ def test_restore_continues_bitwise(store, async_save):
         for _ in range(3):
             _train_step(*parts2, counter2)
     assert _digest(parts2, counter2) == expect
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps")
+def test_restore_keeps_no_map_of_the_snapshot(store, tmp_path):
+    """After a restore from file:// nothing holds the snapshot's map: the optimizer's state
+    has memory of its own (it would otherwise pin the whole snapshot, model part included,
+    and copy its pages one by one on the first step), and training on leaves the file as
+    it was."""
+    parts, counter = _setup(), Counter()
+    with store.stage("t/maps") as stage, _ckpt(stage, parts, counter) as ckpt:
+        _train_step(*parts, counter)
+        ckpt.save(1, wait=True)
+    (blob,) = (tmp_path / "store").rglob("@blobs/*")
+    before = hashlib.sha256(blob.read_bytes()).hexdigest()
+    parts2, counter2 = _setup(seed=3), Counter()
+    with store.stage("t/maps") as stage, _ckpt(stage, parts2, counter2) as ckpt:
+        assert ckpt.restore() == 2
+        state = parts2[1].state_dict()["state"]
+        assert state and all(s["exp_avg"].is_contiguous() for s in state.values())
+        maps = Path("/proc/self/maps").read_text()
+        assert str(blob) not in maps, "the restored state still maps the snapshot"
+        _train_step(*parts2, counter2)
+    assert hashlib.sha256(blob.read_bytes()).hexdigest() == before
 
 
 def test_background_failure_surfaces_at_next_step(store):

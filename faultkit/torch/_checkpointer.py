@@ -6,7 +6,6 @@ import contextlib
 import gc
 import logging
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -47,16 +46,6 @@ def _stateful(name: str, obj: Any) -> Any:
 
 def _storage_ptr(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
-
-
-def _sole_owner(data: Any) -> bool:
-    """True if ``data`` is referenced only by the caller's one variable (CPython)."""
-    getrefcount = getattr(sys, "getrefcount", None)
-    # the caller's variable, this function's argument, getrefcount's argument
-    if getrefcount is None or getrefcount(data) > 3:
-        return False
-    # bytes nobody else holds, or a writable private (copy-on-write) map of the file
-    return type(data) is bytes or (type(data) is memoryview and not data.readonly)
 
 
 _WARNED_LOADERS: set[int] = set()
@@ -219,19 +208,15 @@ class TrainingCheckpointer:
         self._last_time = time.monotonic()
         if snap is None:
             return 0
-        data = snap.data
+        # Tensors share the snapshot's buffer (on file:// a private map of the file); the
+        # model copies from it, everything else gets copies (see _load).
+        tree = decode(snap.data)
         del snap
-        # Tensors share the snapshot's buffer. When nothing but this frame holds it, the
-        # optimizer may keep (and update) them in place instead of copying twice the model
-        # size into fresh memory; a buffer someone else holds (memory://) is copied.
-        owned = _sole_owner(data)
-        tree = decode(data)
-        del data
         if not isinstance(tree, dict) or tree.get("format") != FORMAT:
             raise CorruptCheckpointError(
                 f"stage {self.stage.key!r}: snapshot of step {step} is not a {FORMAT} bundle"
             )
-        self._load(tree, step, owned=owned)
+        self._load(tree, step)
         self._last_step = step
         return step + 1
 
@@ -489,7 +474,7 @@ class TrainingCheckpointer:
 
     # -- restoring --------------------------------------------------------------------
 
-    def _load(self, tree: dict[str, Any], step: int, *, owned: bool) -> None:
+    def _load(self, tree: dict[str, Any], step: int) -> None:
         key = self.stage.key
         meta = tree.get("meta") or {}
         if meta.get("torch") != torch.__version__:
@@ -517,9 +502,13 @@ class TrainingCheckpointer:
                     f"stage {key!r}: the snapshot of step {step} has no {name} state; it was "
                     f"saved without a {name}. Pass the same objects that saved it."
                 )
-            # A module copies into its own tensors; other objects may keep what they are
-            # given, so unless the buffer is ours alone they get tensors with their own memory.
-            obj.load_state_dict(state if name == "model" or owned else clone_tensors(state))
+            # A module copies into its own tensors. Other objects keep what they are given
+            # (the optimizer updates its state in place), so they get tensors with memory of
+            # their own: the snapshot is released after the load, and the optimizer's first
+            # step writes to memory it owns. Sharing the map instead made that step copy
+            # every page of its state on first write, 4 KB at a time, which cost more than
+            # this copy (see the README's benchmark notes).
+            obj.load_state_dict(state if name == "model" else clone_tensors(state))
         local = self._local_state(tree, step)
         shared = tree.get("extra") or {}
         rank_extra = (local or {}).get("extra") or {}
