@@ -11,7 +11,8 @@ state, on a ``file://`` store in a temp folder. Prints and returns:
 
 Save and restore run in ABBA order; each ratio is the median, with the range over pairs.
 * ``async_pause_ratio``: training-loop pause of an async save / sync save time (<= 0.15);
-* ``steady_ratio``: steps/s with a save every ``every_seconds`` / steps/s without.
+* ``steady_ratio``: steps/s with a save every ``steady_seconds`` / steps/s without, in
+  windows of that length taking turns (ABBA); the median of the pairs' ratios.
 
 Torch runs on one thread (on 2 cores the other is left to the background writer, as a GPU
 trainer leaves its CPU cores). Run: ``python bench/bench_torch.py [steady_seconds]``.
@@ -137,7 +138,9 @@ def _rate(
     return steps / (time.perf_counter() - t0), steps, saves
 
 
-def main(steady_seconds: float = 20.0, repeat: int = 6, restore_repeat: int = 4) -> dict[str, Any]:
+def main(
+    steady_seconds: float = 10.0, repeat: int = 6, restore_repeat: int = 4, steady_pairs: int = 4
+) -> dict[str, Any]:
     """Run every measurement; returns the ratios and the raw timings (seconds)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -189,16 +192,30 @@ def main(steady_seconds: float = 20.0, repeat: int = 6, restore_repeat: int = 4)
                 pauses.append(call + asyn.last_save.get("stall_s", 0.0))
                 asyn.wait()
             asyn.close()
-            off1, n1, _ = _rate(model, opt, steady_seconds / 2, None, 0)
-            every = max(1.0, steady_seconds / 2 - 0.5)  # two saves inside the window
-            steady = TrainingCheckpointer(stage, every_seconds=every, async_save=True, **kw)
-            on, _, saves = _rate(model, opt, steady_seconds, steady, 1000)
+            # Steady training in windows of ``steady_seconds`` each, checkpointing off and
+            # on in turn (ABBA): this VM's speed drifts by 10-30% over a minute, so one
+            # long "on" run between two "off" runs measured mostly the drift. A save is due
+            # every ``steady_seconds``, so each "on" window begins one at its first step or
+            # so (at least a window has passed since the last), and its background copy
+            # and write overlap that window's training.
+            steady = TrainingCheckpointer(
+                stage, every_seconds=steady_seconds, async_save=True, **kw
+            )
+            off_rates, on_rates, saves, first = [], [], 0, 1000
+            for i in range(steady_pairs):
+                for side in ("off", "on") if i % 2 == 0 else ("on", "off"):
+                    if side == "off":
+                        off_rates.append(_rate(model, opt, steady_seconds, None, 0)[0])
+                        continue
+                    rate, steps, n = _rate(model, opt, steady_seconds, steady, first)
+                    steady.wait()  # nothing of it spills into the next window
+                    on_rates.append(rate)
+                    first, saves = first + steps, saves + n
             steady.close()
-            off2, n2, _ = _rate(model, opt, steady_seconds / 2, None, 0)
         med = statistics.median
 
-        def spread(base: list[float], ours: list[float]) -> list[float]:
-            ratios = [b / o for b, o in zip(base, ours, strict=True)]
+        def spread(base: list[float], ours: list[float], inverse: bool = False) -> list[float]:
+            ratios = [(o / b if inverse else b / o) for b, o in zip(base, ours, strict=True)]
             return [min(ratios), max(ratios)]
 
         out = {
@@ -214,11 +231,11 @@ def main(steady_seconds: float = 20.0, repeat: int = 6, restore_repeat: int = 4)
             "async_pause_s": med(pauses[1:]),
             "async_first_pause_s": pauses[0],
             "async_pause_ratio": med(pauses[1:]) / med(our_save),
-            "steps_per_s_off": (off1 * n1 + off2 * n2) / (n1 + n2),
-            "steps_per_s_on": on,
-            "steady_every_seconds": every,
+            "steps_per_s_off": med(off_rates),
+            "steps_per_s_on": med(on_rates),
             "steady_saves": saves,
-            "steady_ratio": on / ((off1 * n1 + off2 * n2) / (n1 + n2)),
+            "steady_ratio": med([a / b for a, b in zip(on_rates, off_rates, strict=True)]),
+            "steady_ratio_range": spread(off_rates, on_rates, inverse=True),
         }
     finally:
         shutil.rmtree(root, ignore_errors=True)
@@ -239,13 +256,15 @@ def main(steady_seconds: float = 20.0, repeat: int = 6, restore_repeat: int = 4)
         f"async pause {out['async_pause_s']:.3f} s (first {out['async_first_pause_s']:.3f} s) "
         f"= {out['async_pause_ratio']:.3f} of a sync save (<= 0.15)"
     )
+    lo, hi = out["steady_ratio_range"]
     print(
-        f"steady      {out['steps_per_s_on']:.2f} steps/s saving every {every:.0f} s "
-        f"({saves} saves) vs {out['steps_per_s_off']:.2f} off  "
-        f"ratio {out['steady_ratio']:.3f} (>= 0.95)"
+        f"steady      {out['steps_per_s_on']:.2f} steps/s in {steady_pairs} windows of "
+        f"{steady_seconds:.0f} s with a save each ({out['steady_saves']} saves) vs "
+        f"{out['steps_per_s_off']:.2f} off, interleaved  ratio {out['steady_ratio']:.3f} "
+        f"(range {lo:.3f}-{hi:.3f}; >= 0.95)"
     )
     return out
 
 
 if __name__ == "__main__":
-    main(float(sys.argv[1]) if len(sys.argv) > 1 else 20.0)
+    main(float(sys.argv[1]) if len(sys.argv) > 1 else 10.0)
