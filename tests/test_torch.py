@@ -267,6 +267,44 @@ def test_restore_keeps_no_map_of_the_snapshot(store, tmp_path):
     assert hashlib.sha256(blob.read_bytes()).hexdigest() == before
 
 
+def test_restored_optimizer_state_is_copied_only_where_it_is_kept():
+    """The optimizer keeps a CPU parameter's state as given, so that is copied out of the
+    snapshot; state it moves to another device is left for load_state_dict to copy (a GPU
+    optimizer's state is not staged twice in host memory); step counters are copied."""
+    from faultkit.torch._checkpointer import _optimizer_state
+
+    cpu = torch.nn.Parameter(torch.ones(3))
+    other = torch.nn.Parameter(torch.ones(3, device="meta"))
+    opt = torch.optim.Adam([cpu, other])
+    snap = bytearray(4096)
+    mapped = [torch.frombuffer(snap, dtype=torch.float32, count=3, offset=64 * k) for k in range(6)]
+    state = {
+        "state": {
+            0: {"step": mapped[0], "exp_avg": mapped[1], "exp_avg_sq": mapped[2]},
+            1: {"step": mapped[3], "exp_avg": mapped[4], "exp_avg_sq": mapped[5]},
+        },
+        "param_groups": [{**opt.param_groups[0], "params": [0, 1]}],
+    }
+    out = _optimizer_state(opt, state)
+    shares = {
+        (i, k): v.data_ptr() == state["state"][i][k].data_ptr()
+        for i, s in out["state"].items()
+        for k, v in s.items()
+    }
+    assert shares == {
+        (0, "step"): False,
+        (0, "exp_avg"): False,
+        (0, "exp_avg_sq"): False,
+        (1, "step"): False,
+        (1, "exp_avg"): True,
+        (1, "exp_avg_sq"): True,
+    }
+    assert torch.equal(out["state"][0]["exp_avg"], mapped[1])
+    # what it cannot read is copied whole and left for load_state_dict to refuse
+    odd = {"state": {0: {"exp_avg": mapped[1]}}, "param_groups": [{"params": [[0]]}]}
+    assert _optimizer_state(opt, odd)["state"][0]["exp_avg"].data_ptr() != mapped[1].data_ptr()
+
+
 def test_background_failure_surfaces_at_next_step(store):
     """An async write refused in the background (a newer attempt fenced it) raises at step()."""
     parts, counter = _setup(), Counter()

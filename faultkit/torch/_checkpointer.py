@@ -48,6 +48,51 @@ def _storage_ptr(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
+def _optimizer_state(opt: Any, state: Any) -> Any:
+    """``state`` for ``opt.load_state_dict`` with copies of the tensors it keeps as given.
+
+    A ``torch.optim.Optimizer`` moves each state tensor to its parameter's device and dtype
+    (a copy where they differ: a GPU parameter's state goes to the GPU) and keeps the rest,
+    and ``step`` counters, as given. Only those it keeps are copied here, so a GPU
+    optimizer's state is not first copied in host memory. Anything else gets copies of all.
+    """
+    groups = state.get("param_groups") if isinstance(state, dict) else None
+    saved = state.get("state") if isinstance(state, dict) else None
+    if not (isinstance(opt, torch.optim.Optimizer) and isinstance(groups, list)) or not (
+        isinstance(saved, dict)
+    ):
+        return clone_tensors(state)
+    try:
+        ids = [i for g in groups for i in g["params"]]
+        params = dict(zip(ids, (p for g in opt.param_groups for p in g["params"]), strict=False))
+    except (TypeError, KeyError):
+        return clone_tensors(state)  # malformed: load_state_dict says what is wrong
+
+    def kept(param: torch.Tensor | None, k: Any, v: torch.Tensor) -> bool:
+        """Whether load_state_dict keeps ``v`` as given (neither moves nor casts it)."""
+        if param is None or k == "step":
+            return True
+        if v.device != param.device:
+            return False
+        return v.dtype == param.dtype or not param.is_floating_point()
+
+    def entry(i: Any, s: Any) -> Any:
+        if not isinstance(s, dict):
+            return clone_tensors(s)
+        p = params.get(i)
+        out: dict[Any, Any] = {}
+        for k, v in s.items():
+            if not isinstance(v, torch.Tensor):
+                out[k] = clone_tensors(v)
+            else:
+                out[k] = v.clone() if kept(p, k, v) else v
+        return out
+
+    out = dict(state)
+    out["state"] = {i: entry(i, s) for i, s in saved.items()}
+    return out
+
+
 _WARNED_LOADERS: set[int] = set()
 
 
@@ -508,7 +553,12 @@ class TrainingCheckpointer:
             # step writes to memory it owns. Sharing the map instead made that step copy
             # every page of its state on first write, 4 KB at a time, which cost more than
             # this copy (see the README's benchmark notes).
-            obj.load_state_dict(state if name == "model" else clone_tensors(state))
+            if name == "model":
+                obj.load_state_dict(state)
+            elif name == "optimizer":
+                obj.load_state_dict(_optimizer_state(obj, state))
+            else:
+                obj.load_state_dict(clone_tensors(state))
         local = self._local_state(tree, step)
         shared = tree.get("extra") or {}
         rank_extra = (local or {}).get("extra") or {}
