@@ -6,6 +6,7 @@ import contextlib
 import gc
 import logging
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -46,6 +47,17 @@ def _stateful(name: str, obj: Any) -> Any:
 
 def _storage_ptr(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
+
+
+def _sole_owner(data: Any) -> bool:
+    """True if ``data`` is referenced only by the caller's one variable (CPython): bytes
+    nobody else holds, or a writable private (copy-on-write) map of the file. Tensors left
+    over it may be written to; over a buffer the store shares (memory://) they may not."""
+    getrefcount = getattr(sys, "getrefcount", None)
+    # the caller's variable, this function's argument, getrefcount's argument
+    if getrefcount is None or getrefcount(data) > 3:
+        return False
+    return type(data) is bytes or (type(data) is memoryview and not data.readonly)
 
 
 def _optimizer_state(opt: Any, state: Any) -> Any:
@@ -255,13 +267,16 @@ class TrainingCheckpointer:
             return 0
         # Tensors share the snapshot's buffer (on file:// a private map of the file); the
         # model copies from it, everything else gets copies (see _load).
-        tree = decode(snap.data)
+        data = snap.data
         del snap
+        private = _sole_owner(data)
+        tree = decode(data)
+        del data
         if not isinstance(tree, dict) or tree.get("format") != FORMAT:
             raise CorruptCheckpointError(
                 f"stage {self.stage.key!r}: snapshot of step {step} is not a {FORMAT} bundle"
             )
-        self._load(tree, step)
+        self._load(tree, step, private=private)
         self._last_step = step
         return step + 1
 
@@ -519,7 +534,7 @@ class TrainingCheckpointer:
 
     # -- restoring --------------------------------------------------------------------
 
-    def _load(self, tree: dict[str, Any], step: int) -> None:
+    def _load(self, tree: dict[str, Any], step: int, *, private: bool) -> None:
         key = self.stage.key
         meta = tree.get("meta") or {}
         if meta.get("torch") != torch.__version__:
@@ -555,7 +570,7 @@ class TrainingCheckpointer:
             # this copy (see the README's benchmark notes).
             if name == "model":
                 obj.load_state_dict(state)
-            elif name == "optimizer":
+            elif name == "optimizer" and private:
                 obj.load_state_dict(_optimizer_state(obj, state))
             else:
                 obj.load_state_dict(clone_tensors(state))
