@@ -7,12 +7,13 @@ state, on a ``file://`` store in a temp folder. Prints and returns:
   time (>= 1: faster). Both write a new file each time: overwriting a file in place would
   reuse its pages, which neither an atomic torch.save nor a snapshot can;
 * ``restore_ratio``: (torch.load + load_state_dict + the first step) time / (``restore()``
-  + the first step) time, each in a fresh process (a restore follows a restart);
+  + the first step) time, each in a fresh process whose optimizer has no state yet (a
+  restore follows a restart); ``restore_stepped_ratio`` the same after one training step;
 
 Save and restore run in ABBA order; each ratio is the median, with the range over pairs.
 * ``async_pause_ratio``: training-loop pause of an async save / sync save time (<= 0.15);
-* ``steady_ratio``: steps/s with a save every ``steady_seconds`` / steps/s without, in
-  windows of that length taking turns (ABBA); the median of the pairs' ratios.
+* ``steady_ratio``: steps/s with one save per ``steady_seconds`` window / steps/s without,
+  in windows taking turns (ABBA); the median of the pairs' ratios.
 
 Torch runs on one thread (on 2 cores the other is left to the background writer, as a GPU
 trainer leaves its CPU cores). Run: ``python bench/bench_torch.py [steady_seconds]``.
@@ -84,13 +85,16 @@ def _torch_load(model: torch.nn.Module, opt: torch.optim.Optimizer, path: str) -
     return time.perf_counter() - t0
 
 
-def _child_restore(kind: str, root: str, path: str) -> None:
-    """In a fresh process: build the model, then time one restore of ``kind`` together with
-    the first training step after it (a mapped restore moves page copies into that step);
-    prints seconds."""
+def _child_restore(kind: str, root: str, path: str, stepped: bool = False) -> None:
+    """In a fresh process: build the model and optimizer, then time one restore of ``kind``
+    together with the first training step after it (work a restore leaves undone lands in
+    that step); prints seconds. A restarted trainer restores before its first step, so its
+    optimizer has no state yet; ``stepped`` takes one step first, so that state of the same
+    shapes is already allocated (and freed by the load): memory the load can reuse."""
     torch.set_num_threads(1)
     model, opt = _model()
-    _step(model, opt)
+    if stepped:
+        _step(model, opt)
     if kind == "torch.load":
         t0 = time.perf_counter()
         _torch_load(model, opt, path)
@@ -109,11 +113,11 @@ def _child_restore(kind: str, root: str, path: str) -> None:
         ckpt.close()
 
 
-def _restore_in_child(kind: str, root: str, path: str) -> float:
+def _restore_in_child(kind: str, root: str, path: str, stepped: bool = False) -> float:
     here = os.path.dirname(os.path.abspath(__file__))
     code = (
         f"import sys; sys.path.insert(0, {here!r}); import bench_torch; "
-        f"bench_torch._child_restore({kind!r}, {root!r}, {path!r})"
+        f"bench_torch._child_restore({kind!r}, {root!r}, {path!r}, {stepped!r})"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
@@ -128,12 +132,15 @@ def _rate(
     ckpt: TrainingCheckpointer | None,
     first: int,
 ) -> tuple[float, int, int]:
+    """Train for ``seconds``; with ``ckpt``, one async save after the window's first step
+    (its background copy and write overlap the rest of the window)."""
     steps = saves = 0
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         _step(model, opt)
-        if ckpt is not None:
-            saves += ckpt.step(first + steps)
+        if ckpt is not None and steps == 0:
+            ckpt.save(first)
+            saves += 1
         steps += 1
     return steps / (time.perf_counter() - t0), steps, saves
 
@@ -160,25 +167,38 @@ def main(
             }
             sync = TrainingCheckpointer(stage, every_steps=10**9, async_save=False, **kw)
             base_save, our_save, base_load, our_load = [], [], [], []
+            # One unmeasured pair first: the first 400 MB written in a process land on page
+            # cache this VM has not touched yet, and took 0.6 s a save on both sides against
+            # 0.1-0.2 s after; ABBA order alone left whichever side met more of that slower.
+            _torch_save(model, opt, path)
+            sync.save(0, wait=True)
+            sync.wait()
             for i in range(repeat):  # ABBA: each side goes first in turn
                 for side in ("base", "ours") if i % 2 == 0 else ("ours", "base"):
                     if side == "base":
                         base_save.append(_torch_save(model, opt, path))
                         continue
                     t0 = time.perf_counter()
-                    sync.save(i, wait=True)
+                    sync.save(i + 1, wait=True)
                     our_save.append(time.perf_counter() - t0)
                     sync.wait()  # retention runs in the background; not part of the save
             sync.close()
         # Each restore in a fresh process, as after a crash: in one process a repeated load
         # would reuse memory freed by the previous one, which a restart never can. (Each
         # claims the stage, as a restarted attempt does.)
+        base_stepped: list[float] = []
+        our_stepped: list[float] = []
         for i in range(restore_repeat):
             for side in ("base", "ours") if i % 2 == 0 else ("ours", "base"):
                 if side == "base":
                     base_load.append(_restore_in_child("torch.load", root, path))
                 else:
                     our_load.append(_restore_in_child("restore", root, path))
+        for i in range(restore_repeat):
+            for side in ("base", "ours") if i % 2 == 0 else ("ours", "base"):
+                kind = "torch.load" if side == "base" else "restore"
+                t = _restore_in_child(kind, root, path, stepped=True)
+                (base_stepped if side == "base" else our_stepped).append(t)
         with store.stage("bench/torch") as stage:
             asyn = TrainingCheckpointer(stage, every_steps=10**9, async_save=True, **kw)
             pauses = []
@@ -194,13 +214,9 @@ def main(
             asyn.close()
             # Steady training in windows of ``steady_seconds`` each, checkpointing off and
             # on in turn (ABBA): this VM's speed drifts by 10-30% over a minute, so one
-            # long "on" run between two "off" runs measured mostly the drift. A save is due
-            # every ``steady_seconds``, so each "on" window begins one at its first step or
-            # so (at least a window has passed since the last), and its background copy
-            # and write overlap that window's training.
-            steady = TrainingCheckpointer(
-                stage, every_seconds=steady_seconds, async_save=True, **kw
-            )
+            # long "on" run between two "off" runs measured mostly the drift. Each "on"
+            # window saves once, after its first step: a save every ``steady_seconds``.
+            steady = TrainingCheckpointer(stage, every_steps=10**9, async_save=True, **kw)
             off_rates, on_rates, saves, first = [], [], 0, 1000
             for i in range(steady_pairs):
                 for side in ("off", "on") if i % 2 == 0 else ("on", "off"):
@@ -228,6 +244,10 @@ def main(
             "restore_s": med(our_load),
             "restore_ratio": med(base_load) / med(our_load),
             "restore_ratio_range": spread(base_load, our_load),
+            "torch_load_stepped_s": med(base_stepped),
+            "restore_stepped_s": med(our_stepped),
+            "restore_stepped_ratio": med(base_stepped) / med(our_stepped),
+            "restore_stepped_ratio_range": spread(base_stepped, our_stepped),
             "async_pause_s": med(pauses[1:]),
             "async_first_pause_s": pauses[0],
             "async_pause_ratio": med(pauses[1:]) / med(our_save),
@@ -251,6 +271,12 @@ def main(
         f"restore+1st step {out['restore_s']:.3f} s vs torch.load+load_state_dict+1st step "
         f"{out['torch_load_s']:.3f} s  ratio {out['restore_ratio']:.2f}x "
         f"(range {out['restore_ratio_range'][0]:.2f}-{out['restore_ratio_range'][1]:.2f}; >= 1.0)"
+    )
+    lo, hi = out["restore_stepped_ratio_range"]
+    print(
+        f"  the same after one step (optimizer state already allocated): "
+        f"{out['restore_stepped_s']:.3f} s vs {out['torch_load_stepped_s']:.3f} s  "
+        f"ratio {out['restore_stepped_ratio']:.2f}x (range {lo:.2f}-{hi:.2f})"
     )
     print(
         f"async pause {out['async_pause_s']:.3f} s (first {out['async_first_pause_s']:.3f} s) "
