@@ -188,17 +188,15 @@ def main(
         # claims the stage, as a restarted attempt does.)
         base_stepped: list[float] = []
         our_stepped: list[float] = []
-        for i in range(restore_repeat):
-            for side in ("base", "ours") if i % 2 == 0 else ("ours", "base"):
-                if side == "base":
-                    base_load.append(_restore_in_child("torch.load", root, path))
-                else:
-                    our_load.append(_restore_in_child("restore", root, path))
-        for i in range(restore_repeat):
-            for side in ("base", "ours") if i % 2 == 0 else ("ours", "base"):
-                kind = "torch.load" if side == "base" else "restore"
-                t = _restore_in_child(kind, root, path, stepped=True)
-                (base_stepped if side == "base" else our_stepped).append(t)
+        for stepped, base, ours in (
+            (False, base_load, our_load),
+            (True, base_stepped, our_stepped),
+        ):
+            for i in range(restore_repeat):
+                for side in ("base", "ours") if i % 2 == 0 else ("ours", "base"):
+                    kind = "torch.load" if side == "base" else "restore"
+                    t = _restore_in_child(kind, root, path, stepped)
+                    (base if side == "base" else ours).append(t)
         with store.stage("bench/torch") as stage:
             asyn = TrainingCheckpointer(stage, every_steps=10**9, async_save=True, **kw)
             pauses = []
@@ -230,8 +228,8 @@ def main(
             steady.close()
         med = statistics.median
 
-        def spread(base: list[float], ours: list[float], inverse: bool = False) -> list[float]:
-            ratios = [(o / b if inverse else b / o) for b, o in zip(base, ours, strict=True)]
+        def spread(base: list[float], ours: list[float]) -> list[float]:
+            ratios = [b / o for b, o in zip(base, ours, strict=True)]
             return [min(ratios), max(ratios)]
 
         out = {
@@ -255,7 +253,7 @@ def main(
             "steps_per_s_on": med(on_rates),
             "steady_saves": saves,
             "steady_ratio": med([a / b for a, b in zip(on_rates, off_rates, strict=True)]),
-            "steady_ratio_range": spread(off_rates, on_rates, inverse=True),
+            "steady_ratio_range": spread(on_rates, off_rates),  # on / off, as the ratio
         }
     finally:
         shutil.rmtree(root, ignore_errors=True)

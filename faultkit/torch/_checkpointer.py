@@ -266,7 +266,7 @@ class TrainingCheckpointer:
         if snap is None:
             return 0
         # Tensors share the snapshot's buffer (on file:// a private map of the file); the
-        # model copies from it, everything else gets copies (see _load).
+        # model copies from it, other objects get copies of what they would keep (_load).
         data = snap.data
         del snap
         private = _sole_owner(data)
@@ -567,7 +567,8 @@ class TrainingCheckpointer:
             # their own: the snapshot is released after the load, and the optimizer's first
             # step writes to memory it owns. Sharing the map instead made that step copy
             # every page of its state on first write, 4 KB at a time, which cost more than
-            # this copy (see the README's benchmark notes).
+            # this copy (see the README's benchmark notes). Optimizer state it moves to
+            # another device is copied by that move, not here (_optimizer_state).
             if name == "model":
                 obj.load_state_dict(state)
             elif name == "optimizer" and private:
