@@ -2,11 +2,13 @@
 
 1. 5,000 tiny tasks on a LocalCluster with two worker processes: ``client.map(fn)`` against
    ``client.map(resumable(fn))`` on ``memory://`` (each worker process has its own) and on
-   ``file://``, and a plain task doing the same durable work by hand (the floor: a folder,
-   one record fsync'd with its folder). Targets: ``file://`` (a store that
-   can resume) <= 1.25, ``memory://`` <= 1.05. The tasks run in batches of ``n / 5``, the
-   variants taking turns in each batch in ABBA order; each ratio is the median, and the
-   range, of the batches' ratios (this machine's noise is several per cent per batch).
+   ``file://``, and two plain tasks doing the same durable work by hand: the floor (a
+   folder, one record fsync'd with its folder), and that work laid out and created as the
+   ``file://`` store does (a second folder; the record linked into place whole). Targets:
+   ``file://`` (a store that can resume) <= 1.25, ``memory://`` <= 1.05. The tasks run in
+   batches of ``n / 5``, the variants taking turns in each batch in ABBA order; each ratio
+   is the median, and the range, of the batches' ratios (this machine's noise is several
+   per cent per batch).
 2. SIGKILL the worker running a task; seconds until the task runs again on the other worker,
    plain against resumable (the start of ``fn``, after the stage is claimed). Target:
    resumable <= plain + 0.5 s.
@@ -47,6 +49,13 @@ def tiny_floor(x: int, tag: str, root: str) -> int:
     return x + 1
 
 
+def tiny_layout(x: int, tag: str, root: str) -> int:
+    """``tiny_floor`` laid out and created as the ``file://`` store does (see
+    :func:`bench.records_by_hand`)."""
+    records_by_hand(os.path.join(root, tag, f"t-{x}"), (True,), layout=True)
+    return x + 1
+
+
 def spin(path: str, stop: str) -> int:
     with open(path, "a") as f:
         f.write(f"{time.time()} {os.getpid()}\n")
@@ -79,6 +88,7 @@ def _overhead(client: Any, n: int, rounds: int, tmp: str) -> dict[str, list[floa
             resumable(tiny_r, store=f"file://{tmp}/store-{tag}"), range(size), tag=tag
         ),
         "floor": lambda tag: client.map(tiny_floor, range(size), tag=tag, root=f"{tmp}/floor"),
+        "layout": lambda tag: client.map(tiny_layout, range(size), tag=tag, root=f"{tmp}/layout"),
     }
     times: dict[str, list[float]] = {k: [] for k in variants}
     client.gather(variants["memory"]("warm"))  # imports and first connections on workers
@@ -155,6 +165,7 @@ def main() -> dict[str, Any]:
         "resumable_memory_s": round(med["memory"], 3),
         "resumable_file_s": round(med["file"], 3),
         "floor_s": round(med["floor"], 3),
+        "layout_s": round(med["layout"], 3),
         "reschedule_plain_s": round(statistics.median(plain_r), 3),
         "reschedule_resumable_s": round(statistics.median(ours_r), 3),
     }
@@ -163,6 +174,8 @@ def main() -> dict[str, Any]:
         ("ratio_file", "file", "plain"),
         ("ratio_file_floor", "file", "floor"),
         ("ratio_floor", "floor", "plain"),
+        ("ratio_layout", "layout", "plain"),
+        ("ratio_file_layout", "file", "layout"),
     ):
         res[name], lo, hi = _ratio(t[top], t[bottom])
         res[f"{name}_range"] = [lo, hi]
@@ -179,6 +192,11 @@ def main() -> dict[str, Any]:
         f"{res['resumable_file_s']} s ({r('ratio_file')}, target <= 1.25); the same durable "
         f"work by hand in a plain task (the floor) {res['floor_s']} s ({r('ratio_floor')} "
         f"plain): file:// is {r('ratio_file_floor')} the floor"
+    )
+    print(
+        f"   the floor laid out and created as the file:// store does (a second folder, the "
+        f"record linked into place whole) {res['layout_s']} s ({r('ratio_layout')} plain): "
+        f"file:// is {r('ratio_file_layout')} that"
     )
     print(
         f"   SIGKILL -> running again: plain {res['reschedule_plain_s']} s, resumable "
