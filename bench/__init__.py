@@ -18,11 +18,12 @@ def records_by_hand(folder: str, durable: tuple[bool, ...], *, layout: bool = Fa
     create; what faultkit costs above the second is its own lookups and Python."""
     os.makedirs(folder)
     dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    if layout:
-        os.mkdir("@log", dir_fd=dfd)
-        top, dfd = dfd, os.open("@log", os.O_RDONLY | os.O_DIRECTORY, dir_fd=dfd)
-        os.close(top)
     try:
+        if layout:
+            os.mkdir("@log", dir_fd=dfd)
+            log_fd = os.open("@log", os.O_RDONLY | os.O_DIRECTORY, dir_fd=dfd)
+            os.close(dfd)
+            dfd = log_fd
         for i, sync in enumerate(durable, 1):
             if layout:
                 fd = os.open(".", os.O_TMPFILE | os.O_WRONLY, 0o644, dir_fd=dfd)

@@ -70,9 +70,9 @@ def _optimizer_state(opt: Any, state: Any) -> Any:
     """
     groups = state.get("param_groups") if isinstance(state, dict) else None
     saved = state.get("state") if isinstance(state, dict) else None
-    if not (isinstance(opt, torch.optim.Optimizer) and isinstance(groups, list)) or not (
-        isinstance(saved, dict)
-    ):
+    if not isinstance(opt, torch.optim.Optimizer) or not isinstance(groups, list):
+        return clone_tensors(state)
+    if not isinstance(saved, dict):
         return clone_tensors(state)
     try:
         ids = [i for g in groups for i in g["params"]]
